@@ -1,0 +1,267 @@
+"""The Python API: what the CLI calls and what users import.
+
+    import nnc_tool
+    report = nnc_tool.encode("model.onnx", "model.nnc", nnc_tool.EncodeOptions(qp=-36))
+    nnc_tool.decode("model.nnc", "rebuilt.onnx")
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .bitstream import container
+from .bitstream.container import UnitType
+from .bitstream.primitives import ByteReader
+from .coding.tensors import Coding, TensorHeader, decode_tensor, encode_tensor, read_header
+from .errors import BitstreamError, NncError, UsageError
+from .fileio import same_file, write_bytes_atomic
+from .formats import FORMATS, check_output_suffix, read_model, write_model
+from .model import Model, TensorRole
+from .quantize.uniform import QuantSettings
+
+EncodeOptions = QuantSettings
+
+
+@dataclass
+class TensorReport:
+    name: str
+    role: str
+    dtype: str
+    shape: tuple[int, ...]
+    coding: str
+    coded_bytes: int
+    step: float | None = None
+    qp: int | None = None
+    zero_rows: int = 0
+
+
+@dataclass
+class EncodeReport:
+    input: str
+    output: str | None
+    format: str
+    original_bytes: int
+    bitstream_bytes: int
+    topology_bytes: int
+    tensor_count: int
+    parameter_count: int
+    seconds: float
+    tensors: list[TensorReport] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.original_bytes / self.bitstream_bytes if self.bitstream_bytes else float("inf")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["ratio"] = self.ratio
+        return data
+
+
+@dataclass
+class DecodeReport:
+    input: str
+    output: str
+    format: str
+    bitstream_bytes: int
+    output_bytes: int
+    tensor_count: int
+    seconds: float
+
+
+@dataclass
+class UnitInfo:
+    type: str
+    offset: int
+    size: int
+    tensor: TensorReport | None = None
+
+
+@dataclass
+class StreamInfo:
+    path: str
+    version: tuple[int, int]
+    parameters: dict
+    units: list[UnitInfo]
+
+    @property
+    def size(self) -> int:
+        return sum(u.size for u in self.units) + len(container.stream_header())
+
+
+def compress_model(model: Model, options: EncodeOptions | None = None, original_bytes: int = 0) -> tuple[bytes, list[TensorReport]]:
+    """Code an in-memory model into a complete bitstream."""
+    options = options or EncodeOptions()
+    parameters = {
+        "format": model.format,
+        "tensor_count": len(model.tensors),
+        "original_bytes": original_bytes,
+        "metadata": model.metadata,
+        "settings": {
+            "qp": options.qp,
+            "nonweight_qp": options.nonweight_qp,
+            "bits": options.bits,
+            "per_channel": options.per_channel,
+            "lossless": options.lossless,
+        },
+        "encoder": f"nnc {__version__}",
+    }
+    parts = [
+        container.stream_header(),
+        container.frame_unit(UnitType.PARAMETER_SET, container.parameter_set_payload(parameters)),
+        container.frame_unit(UnitType.TOPOLOGY, container.topology_payload(model.topology)),
+    ]
+    reports = []
+    for tensor in model.tensors:
+        unit = container.frame_unit(UnitType.DATA, encode_tensor(tensor, options))
+        parts.append(unit)
+        reports.append(_describe_data_unit(memoryview(unit)[5:-4], len(unit)))
+    return b"".join(parts), reports
+
+
+def decompress_model(data: bytes | memoryview) -> Model:
+    """Rebuild the in-memory model from a complete bitstream."""
+    units = list(container.iter_units(data))
+    parameters, topology = _side_units(units)
+    tensors = [decode_tensor(unit.payload) for unit in units[2:]]
+    expected = parameters.get("tensor_count")
+    if expected != len(tensors):
+        raise BitstreamError(None, f"bitstream is truncated: {len(tensors)} of {expected} tensors present")
+    metadata = parameters.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise BitstreamError(None, "parameter set has malformed metadata")
+    return Model(format=parameters["format"], topology=topology, tensors=tensors, metadata=metadata)
+
+
+def encode(model_path: str | os.PathLike, output_path: str | os.PathLike | None, options: EncodeOptions | None = None) -> EncodeReport:
+    """Compress a model file into an nnc bitstream written atomically to `output_path`.
+
+    With `output_path=None` nothing is written (useful for measuring sizes).
+    """
+    started = time.perf_counter()
+    model_path = Path(model_path)
+    if output_path is not None and same_file(model_path, output_path):
+        raise UsageError(output_path, "output would overwrite the input model")
+    model = read_model(model_path)
+    original_bytes = model_file_bytes(model_path, model)
+    data, tensor_reports = compress_model(model, options, original_bytes)
+    if output_path is not None:
+        write_bytes_atomic(output_path, data)
+    return EncodeReport(
+        input=str(model_path),
+        output=None if output_path is None else str(output_path),
+        format=model.format,
+        original_bytes=original_bytes,
+        bitstream_bytes=len(data),
+        topology_bytes=len(container.topology_payload(model.topology)),
+        tensor_count=len(model.tensors),
+        parameter_count=model.parameter_count,
+        seconds=time.perf_counter() - started,
+        tensors=tensor_reports,
+    )
+
+
+def decode(bitstream_path: str | os.PathLike, output_path: str | os.PathLike) -> DecodeReport:
+    """Rebuild a model from a bitstream and write it, in its original format, to `output_path`."""
+    started = time.perf_counter()
+    bitstream_path = Path(bitstream_path)
+    data = _read_bitstream_file(bitstream_path)
+    if same_file(bitstream_path, output_path):
+        raise UsageError(output_path, "output would overwrite the input bitstream")
+    try:
+        header_format = _peek_format(data)
+        check_output_suffix(header_format, output_path)
+        model = decompress_model(data)
+    except BitstreamError as err:
+        raise BitstreamError(bitstream_path, err.problem) from None
+    write_model(model, output_path)
+    return DecodeReport(
+        input=str(bitstream_path),
+        output=str(output_path),
+        format=model.format,
+        bitstream_bytes=len(data),
+        output_bytes=model_file_bytes(Path(output_path), model),
+        tensor_count=len(model.tensors),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def info(bitstream_path: str | os.PathLike) -> StreamInfo:
+    """Describe a bitstream's units and tensors without decoding any payload."""
+    bitstream_path = Path(bitstream_path)
+    data = _read_bitstream_file(bitstream_path)
+    try:
+        units = list(container.iter_units(data))
+        parameters, _ = _side_units(units)
+        described = [UnitInfo(u.type.name.lower(), u.offset, u.size) for u in units[:2]]
+        described += [
+            UnitInfo("data", u.offset, u.size, _describe_data_unit(u.payload, u.size)) for u in units[2:]
+        ]
+    except BitstreamError as err:
+        raise BitstreamError(bitstream_path, err.problem) from None
+    return StreamInfo(str(bitstream_path), tuple(data[8:10]), parameters, described)
+
+
+def model_file_bytes(path: Path, model: Model) -> int:
+    """Bytes the model occupies on disk, including ONNX external data files."""
+    total = path.stat().st_size
+    for name in filter(None, model.metadata.get("onnx.external_data_files", "").split("\n")):
+        data_file = path.parent / name
+        if data_file.is_file():
+            total += data_file.stat().st_size
+    return total
+
+
+def _read_bitstream_file(path: Path) -> bytes:
+    if not path.is_file():
+        raise NncError(path, "no such file")
+    data = path.read_bytes()
+    if not data:
+        raise BitstreamError(path, "file is empty")
+    return data
+
+
+def _peek_format(data: bytes) -> str:
+    """The stored format from the parameter set alone, so a wrong suffix fails before any decoding."""
+    units = container.iter_units(data)
+    first = next(units, None)
+    if first is None or first.type != UnitType.PARAMETER_SET:
+        raise BitstreamError(None, "bitstream does not start with a parameter set")
+    parameters = container.parse_parameter_set(first.payload)
+    fmt = parameters.get("format")
+    if fmt not in FORMATS:
+        raise BitstreamError(None, f"bitstream holds an unknown model format {fmt!r}")
+    return fmt
+
+
+def _side_units(units: list[container.Unit]) -> tuple[dict, bytes]:
+    if len(units) < 2 or units[0].type != UnitType.PARAMETER_SET or units[1].type != UnitType.TOPOLOGY:
+        raise BitstreamError(None, "bitstream is truncated or lacks its parameter set and topology units")
+    if any(u.type != UnitType.DATA for u in units[2:]):
+        raise BitstreamError(None, "bitstream has side units after its data units")
+    parameters = container.parse_parameter_set(units[0].payload)
+    if parameters.get("format") not in FORMATS:
+        raise BitstreamError(None, f"bitstream holds an unknown model format {parameters.get('format')!r}")
+    return parameters, container.parse_topology(units[1].payload)
+
+
+def _describe_data_unit(payload: memoryview, unit_size: int) -> TensorReport:
+    header: TensorHeader = read_header(ByteReader(payload, "data unit"))
+    step = qp = None
+    if header.coding == Coding.QUANTIZED:
+        step = float(header.steps.max())
+        qp = int(header.qps.max()) if header.qps is not None else None
+    return TensorReport(
+        name=header.name,
+        role=TensorRole(header.role).name.lower(),
+        dtype=header.dtype,
+        shape=header.shape,
+        coding=header.coding.name.lower(),
+        coded_bytes=unit_size,
+        step=step,
+        qp=qp,
+        zero_rows=header.zero_rows,
+    )

@@ -1,0 +1,249 @@
+"""Measure what users care about: size, latency of original and rebuilt model, accuracy or fidelity."""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import NncError, UsageError
+from ..formats import FORMATS, read_model
+
+RUNNABLE_FORMATS = ("onnx", "torchscript", "torch-export")
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class LatencyStats:
+    batch_size: int
+    runs: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+
+
+@dataclass
+class QualityStats:
+    samples: int
+    accuracy_original: float | None = None  # top-1 in percent, when labels are given
+    accuracy_rebuilt: float | None = None
+    top1_agreement: float | None = None  # percent of samples where both models pick the same class
+    output_snr_db: float | None = None
+
+
+@dataclass
+class BenchReport:
+    model: str
+    format: str
+    original_bytes: int
+    bitstream_bytes: int
+    ratio: float
+    encode_seconds: float | None
+    decode_seconds: float
+    weight_snr_db: float | None
+    latency_original: LatencyStats | None = None
+    latency_rebuilt: LatencyStats | None = None
+    quality: QualityStats | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_eval_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Arrays `x` (inputs) and optional `y` (integer labels) from an .npz file, never unpickling."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive.files:
+                raise UsageError(path, f"data file has no array 'x' (found: {', '.join(archive.files) or 'none'})")
+            inputs = archive["x"]
+            labels = archive["y"] if "y" in archive.files else None
+    except NncError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise UsageError(path, f"cannot read data file ({exc})") from None
+    if labels is not None and len(labels) != len(inputs):
+        raise UsageError(path, f"'x' has {len(inputs)} samples but 'y' has {len(labels)}")
+    return inputs, labels
+
+
+def make_runner(model_path: Path, fmt: str, threads: int = 1) -> Runner:
+    """A callable that maps a batch of inputs to outputs (the first output) for a runnable model."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
+        input_meta = session.get_inputs()
+        if len(input_meta) != 1:
+            raise UsageError(model_path, f"bench supports models with one input; this one has {len(input_meta)}")
+        name = input_meta[0].name
+        element_type = _ORT_TYPES.get(input_meta[0].type, np.float32)
+
+        def run_onnx(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(session.run(None, {name: batch.astype(element_type, copy=False)})[0])
+
+        return run_onnx
+
+    import torch
+
+    torch.set_num_threads(threads)
+    if fmt == "torchscript":
+        module = torch.jit.load(os.fspath(model_path), map_location="cpu").eval()
+    elif fmt == "torch-export":
+        module = torch.export.load(os.fspath(model_path)).module()
+    else:
+        raise UsageError(model_path, f"a {FORMATS[fmt].description} holds no runnable graph")
+
+    def run_torch(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            output = module(torch.from_numpy(np.ascontiguousarray(batch)))
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        return output.detach().float().numpy()
+
+    return run_torch
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def measure_latency(run: Runner, batch: np.ndarray, runs: int, warmup: int) -> LatencyStats:
+    for _ in range(warmup):
+        run(batch)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(batch)
+        times.append((time.perf_counter() - start) * 1000.0)
+    times.sort()
+    return LatencyStats(
+        batch_size=len(batch),
+        runs=runs,
+        median_ms=statistics.median(times),
+        p10_ms=times[int(0.1 * (runs - 1))],
+        p90_ms=times[int(0.9 * (runs - 1))],
+    )
+
+
+def predict(run: Runner, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return np.concatenate([run(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+def compare_outputs(original: np.ndarray, rebuilt: np.ndarray, labels: np.ndarray | None) -> QualityStats:
+    original = original.reshape(len(original), -1).astype(np.float64)
+    rebuilt = rebuilt.reshape(len(rebuilt), -1).astype(np.float64)
+    noise = float(((original - rebuilt) ** 2).sum())
+    signal = float((original**2).sum())
+    snr = float("inf") if noise == 0 else 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+    stats = QualityStats(samples=len(original), output_snr_db=snr)
+    if original.shape[1] > 1:
+        stats.top1_agreement = 100.0 * float((original.argmax(1) == rebuilt.argmax(1)).mean())
+        if labels is not None:
+            labels = labels.reshape(-1)
+            stats.accuracy_original = 100.0 * float((original.argmax(1) == labels).mean())
+            stats.accuracy_rebuilt = 100.0 * float((rebuilt.argmax(1) == labels).mean())
+    return stats
+
+
+def weight_snr_db(original_path: Path, rebuilt_path: Path) -> float | None:
+    """SNR of all float tensors of the rebuilt model against the original, in dB."""
+    original = read_model(original_path).tensor_map()
+    rebuilt = read_model(rebuilt_path).tensor_map()
+    signal = noise = 0.0
+    for name, tensor in original.items():
+        if not tensor.is_float or name not in rebuilt:
+            continue
+        a = tensor.array.astype(np.float64)
+        b = rebuilt[name].array.astype(np.float64)
+        signal += float((a**2).sum())
+        noise += float(((a - b) ** 2).sum())
+    if signal == 0:
+        return None
+    return float("inf") if noise == 0 else 10.0 * float(np.log10(signal / noise))
+
+
+def random_inputs(model_path: Path, fmt: str, samples: int, seed: int = 0) -> np.ndarray:
+    """Standard-normal inputs shaped like the ONNX model's input (dynamic dimensions become 1)."""
+    if fmt != "onnx":
+        raise UsageError(model_path, "needs --data to know the input shape of a PyTorch model")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(os.fspath(model_path), providers=["CPUExecutionProvider"])
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in session.get_inputs()[0].shape]
+    shape[0] = samples
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def bench(
+    model_path: str | os.PathLike,
+    nnc_path: str | os.PathLike | None = None,
+    data_path: str | os.PathLike | None = None,
+    options=None,
+    runs: int = 50,
+    warmup: int = 5,
+    batch_size: int = 1,
+    threads: int = 1,
+) -> BenchReport:
+    """Encode (unless `nnc_path` is given), decode, and compare the rebuilt model with the original."""
+    from .. import api
+
+    model_path = Path(model_path)
+    if runs < 1 or batch_size < 1:
+        raise UsageError(None, "runs and batch size must be at least 1")
+    original = read_model(model_path)
+    fmt = original.format
+    with tempfile.TemporaryDirectory(prefix="nnc-bench-") as tmp:
+        tmp_dir = Path(tmp)
+        encode_seconds = None
+        if nnc_path is None:
+            nnc_path = tmp_dir / "model.nnc"
+            encode_seconds = api.encode(model_path, nnc_path, options).seconds
+        rebuilt_path = tmp_dir / f"rebuilt{FORMATS[fmt].suffixes[0]}"
+        decoded = api.decode(nnc_path, rebuilt_path)
+        if decoded.format != fmt:
+            raise UsageError(nnc_path, f"bitstream holds a {decoded.format} model but {model_path} is {fmt}")
+        original_bytes = api.model_file_bytes(model_path, original)
+        report = BenchReport(
+            model=str(model_path),
+            format=fmt,
+            original_bytes=original_bytes,
+            bitstream_bytes=decoded.bitstream_bytes,
+            ratio=original_bytes / decoded.bitstream_bytes,
+            encode_seconds=encode_seconds,
+            decode_seconds=decoded.seconds,
+            weight_snr_db=weight_snr_db(model_path, rebuilt_path),
+        )
+        if fmt not in RUNNABLE_FORMATS:
+            report.notes.append(f"a {FORMATS[fmt].description} holds no graph: latency and accuracy need ONNX, TorchScript or .pt2")
+            return report
+
+        labels = None
+        if data_path is not None:
+            inputs, labels = load_eval_data(data_path)
+        else:
+            inputs = random_inputs(model_path, fmt, samples=max(batch_size, 64))
+            report.notes.append("no --data: fidelity measured on random inputs")
+        run_original = make_runner(model_path, fmt, threads)
+        run_rebuilt = make_runner(rebuilt_path, fmt, threads)
+        batch = inputs[:batch_size]
+        if len(batch) < batch_size:
+            batch = np.concatenate([batch] * (batch_size // max(len(batch), 1) + 1))[:batch_size]
+        try:
+            report.latency_original = measure_latency(run_original, batch, runs, warmup)
+            report.latency_rebuilt = measure_latency(run_rebuilt, batch, runs, warmup)
+            outputs_original = predict(run_original, inputs)
+            outputs_rebuilt = predict(run_rebuilt, inputs)
+        except Exception as exc:  # the runtime's own message says which input did not fit
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(data_path or model_path, f"the model cannot run on these inputs: {first_line}") from None
+        report.quality = compare_outputs(outputs_original, outputs_rebuilt, labels)
+    return report

@@ -1,0 +1,211 @@
+"""The `nnc` command: a thin shell over nnc_tool's Python API."""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from dataclasses import asdict
+
+import click
+
+from . import __version__, api
+from .bench import bench as run_bench
+from .errors import NncError
+from .quantize.uniform import QuantSettings
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000.0
+    return f"{size} B"
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"nnc: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(command):
+    """Turn every failure into one line on stderr and a non-zero exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except NncError as err:
+            _fail(str(err), err.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except OSError as err:
+            _fail(f"{err.filename or ''}: {err.strerror or err}".lstrip(": "), 2)
+        except Exception as err:  # noqa: BLE001 - the promise is one line, not a traceback
+            if os.environ.get("NNC_DEBUG"):
+                raise
+            _fail(f"internal error: {type(err).__name__}: {err} (set NNC_DEBUG=1 for a traceback)", 1)
+
+    return wrapper
+
+
+def quantization_options(command):
+    options = [
+        click.option("--qp", type=click.IntRange(-256, 255), default=-38, show_default=True,
+                     help="Weight QP; the step is 2^(QP/4) (NNCodec's convention)."),
+        click.option("--nonweight-qp", type=click.IntRange(-256, 255), default=-75, show_default=True,
+                     help="QP of 1-D tensors (biases, norm parameters)."),
+        click.option("--bits", type=click.IntRange(2, 31), default=None,
+                     help="Derive each weight tensor's step from its range for this many bits (overrides --qp)."),
+        click.option("--per-channel", is_flag=True, help="One step per output channel."),
+        click.option("--lossless", is_flag=True, help="Code every tensor bit-exactly."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _settings(qp: int, nonweight_qp: int, bits: int | None, per_channel: bool, lossless: bool) -> QuantSettings:
+    return QuantSettings(qp=qp, nonweight_qp=nonweight_qp, bits=bits, per_channel=per_channel, lossless=lossless)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nnc")
+def main() -> None:
+    """Compress neural networks (ONNX, PyTorch, safetensors) into compact NNC-style bitstreams."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Bitstream to write (.nnc).")
+@quantization_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="List every tensor.")
+@handle_errors
+def encode(model: str, output: str, qp: int, nonweight_qp: int, bits: int | None, per_channel: bool,
+           lossless: bool, as_json: bool, verbose: bool) -> None:
+    """Compress MODEL into an nnc bitstream."""
+    report = api.encode(model, output, _settings(qp, nonweight_qp, bits, per_channel, lossless))
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    if verbose:
+        for t in report.tensors:
+            step = f"step {t.step:.3g}" if t.step is not None else "lossless"
+            click.echo(f"  {t.name:<40} {t.role:<9} {str(list(t.shape)):<18} {step:<14} {t.coded_bytes:>10} B")
+    click.echo(
+        f"{report.input} ({report.format}): {_human(report.original_bytes)} -> {report.output}: "
+        f"{_human(report.bitstream_bytes)}, ratio {report.ratio:.2f}x, {report.tensor_count} tensors, "
+        f"{report.seconds:.2f} s"
+    )
+
+
+@main.command()
+@click.argument("bitstream", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Model to write; its suffix must fit the stored format.")
+@handle_errors
+def decode(bitstream: str, output: str) -> None:
+    """Rebuild a runnable model from BITSTREAM in the format it came from."""
+    report = api.decode(bitstream, output)
+    click.echo(
+        f"{report.input}: {_human(report.bitstream_bytes)} -> {report.output} ({report.format}): "
+        f"{_human(report.output_bytes)}, {report.tensor_count} tensors, {report.seconds:.2f} s"
+    )
+
+
+@main.command()
+@click.argument("bitstream", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@handle_errors
+def info(bitstream: str, as_json: bool) -> None:
+    """List the units, tensors, steps and sizes of BITSTREAM."""
+    stream = api.info(bitstream)
+    if as_json:
+        _print_json(asdict(stream))
+        return
+    p = stream.parameters
+    click.echo(f"{stream.path}: nnc bitstream {stream.version[0]}.{stream.version[1]}, {_human(stream.size)}")
+    click.echo(f"  format {p.get('format')}, {p.get('tensor_count')} tensors, original {_human(p.get('original_bytes', 0))}")
+    click.echo(f"  settings {json.dumps(p.get('settings', {}), sort_keys=True)}")
+    for unit in stream.units:
+        if unit.tensor is None:
+            click.echo(f"  @{unit.offset:<8} {unit.type:<14} {unit.size:>10} B")
+            continue
+        t = unit.tensor
+        detail = t.coding if t.step is None else f"step {t.step:.4g}" + (f" (qp {t.qp})" if t.qp is not None else "")
+        if t.zero_rows:
+            detail += f", {t.zero_rows} zero rows skipped"
+        click.echo(
+            f"  @{unit.offset:<8} data {t.name:<40} {t.role:<9} {t.dtype:<8} {str(list(t.shape)):<18} "
+            f"{unit.size:>10} B  {detail}"
+        )
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--nnc", "nnc_path", type=click.Path(dir_okay=False), default=None,
+              help="Bitstream of MODEL to measure (default: encode MODEL with the options below).")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help=".npz with inputs 'x' and optional integer labels 'y'.")
+@quantization_options
+@click.option("--runs", type=click.IntRange(1, 100000), default=50, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=click.IntRange(0, 10000), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=1, show_default=True, help="Batch for latency.")
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Inference threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight_qp: int, bits: int | None,
+          per_channel: bool, lossless: bool, runs: int, warmup: int, batch_size: int, threads: int,
+          as_json: bool) -> None:
+    """Measure size, latency and accuracy (or fidelity) of MODEL against its nnc-coded rebuild."""
+    report = run_bench(model, nnc_path, data, _settings(qp, nonweight_qp, bits, per_channel, lossless),
+                       runs=runs, warmup=warmup, batch_size=batch_size, threads=threads)
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    click.echo(f"{report.model} ({report.format})")
+    click.echo(f"  size        {_human(report.original_bytes)} -> {_human(report.bitstream_bytes)}  (ratio {report.ratio:.2f}x)")
+    if report.encode_seconds is not None:
+        click.echo(f"  coding      encode {report.encode_seconds:.3f} s, decode {report.decode_seconds:.3f} s")
+    if report.weight_snr_db is not None:
+        click.echo(f"  weight SNR  {report.weight_snr_db:.1f} dB")
+    if report.latency_original and report.latency_rebuilt:
+        lo, lr = report.latency_original, report.latency_rebuilt
+        click.echo(
+            f"  latency     original {lo.median_ms:.3f} ms, rebuilt {lr.median_ms:.3f} ms "
+            f"(median of {lo.runs}, batch {lo.batch_size}; p10-p90 {lo.p10_ms:.3f}-{lo.p90_ms:.3f} / "
+            f"{lr.p10_ms:.3f}-{lr.p90_ms:.3f} ms)"
+        )
+    q = report.quality
+    if q is not None:
+        if q.accuracy_original is not None:
+            click.echo(
+                f"  accuracy    original {q.accuracy_original:.2f} %, rebuilt {q.accuracy_rebuilt:.2f} % "
+                f"({q.accuracy_rebuilt - q.accuracy_original:+.2f} points, {q.samples} samples)"
+            )
+        if q.top1_agreement is not None:
+            click.echo(f"  agreement   {q.top1_agreement:.2f} % top-1")
+        click.echo(f"  output SNR  {q.output_snr_db:.1f} dB")
+    for note in report.notes:
+        click.echo(f"  note: {note}")
+
+
+def _print_json(data: dict) -> None:
+    """Strict JSON for pipelines: infinite SNRs (lossless) become the strings "inf"/"-inf"."""
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    click.echo(json.dumps(clean(data), indent=2, allow_nan=False))
+
+
+if __name__ == "__main__":
+    main()

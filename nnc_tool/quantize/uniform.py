@@ -1,0 +1,115 @@
+"""Mid-tread uniform quantization with NNC's step convention.
+
+A quantization parameter QP gives the step 2^(QP/4), so four QP steps halve the step
+size (NNCodec uses the same convention, which keeps our QP sweeps comparable with it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..model import TensorRole
+
+# Beyond this many levels the tensor is not something uniform quantization serves well
+# (or it holds huge outliers); it is coded losslessly instead.
+MAX_LEVEL = 1 << 40
+QP_RANGE = (-256, 255)
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How weights are quantized.
+
+    qp: QP of weight tensors (ndim >= 2); step = 2^(qp/4).
+    nonweight_qp: QP of 1-D learned tensors (biases, norm parameters), finer by default
+        because they are few and the output is sensitive to them.
+    bits: if set, derive each weight tensor's step from its range so that its largest
+        magnitude maps to level 2^(bits-1)-1, instead of using `qp`.
+    per_channel: give each output channel (first axis) its own step.
+    lossless: code every tensor bit-exactly.
+    """
+
+    qp: int = -38
+    nonweight_qp: int = -75
+    bits: int | None = None
+    per_channel: bool = False
+    lossless: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("qp", "nonweight_qp"):
+            value = getattr(self, name)
+            if not QP_RANGE[0] <= value <= QP_RANGE[1]:
+                raise ValueError(f"{name} must lie in [{QP_RANGE[0]}, {QP_RANGE[1]}], got {value}")
+        if self.bits is not None and not 2 <= self.bits <= 31:
+            raise ValueError(f"bits must lie in [2, 31], got {self.bits}")
+
+
+@dataclass
+class Quantized:
+    """Integer levels plus the steps that map them back (one step, or one per output channel)."""
+
+    levels: np.ndarray  # int64, the tensor's shape
+    steps: np.ndarray  # float32, shape [1] or [shape[0]]
+    qps: np.ndarray | None  # int16 QP per step when the steps come from QPs, else None
+
+
+# 2^(k/4) for k = 0..3; with an exact power of two (ldexp) these give 2^(qp/4) without
+# relying on the platform's exp2, so every decoder computes bit-identical steps.
+_QUARTER_POWERS = np.array([1.0, 1.189207115002721, 1.4142135623730951, 1.681792830507429])
+
+
+def step_for_qp(qp: np.ndarray | int) -> np.ndarray:
+    """The float32 step for each QP: 2^(qp/4)."""
+    qp = np.asarray(qp, dtype=np.int64)
+    return np.ldexp(_QUARTER_POWERS[qp % 4], (qp // 4).astype(np.int32)).astype(np.float32)
+
+
+def _channel_view(values: np.ndarray) -> np.ndarray:
+    return values.reshape(values.shape[0], -1) if values.ndim >= 1 and values.size else values.reshape(1, -1)
+
+
+def choose_steps(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pick the step(s) for a float32 tensor; returns (steps, qps or None)."""
+    per_channel = settings.per_channel and role == TensorRole.WEIGHT and values.ndim >= 2
+    base_qp = settings.qp if role == TensorRole.WEIGHT else settings.nonweight_qp
+    rows = _channel_view(values)
+    row_peaks = np.abs(rows).max(axis=1) if rows.size else np.zeros(1)
+    peak = float(row_peaks.max()) if row_peaks.size else 0.0
+
+    if settings.bits is not None and role == TensorRole.WEIGHT:
+        top_level = float((1 << (settings.bits - 1)) - 1)
+        peaks = row_peaks if per_channel else np.array([peak])
+        steps = np.where(peaks > 0, peaks / top_level, 1.0).astype(np.float32)
+        return steps, None
+
+    if not per_channel:
+        qps = np.array([base_qp], dtype=np.int16)
+        return step_for_qp(qps), qps
+    # Keep the relative precision of every channel equal to what the tensor's peak channel gets.
+    with np.errstate(divide="ignore"):
+        offsets = np.where(row_peaks > 0, np.round(4.0 * np.log2(row_peaks / peak)), 0.0) if peak > 0 else 0.0
+    qps = np.clip(base_qp + offsets, *QP_RANGE).astype(np.int16) * np.ones(rows.shape[0], dtype=np.int16)
+    return step_for_qp(qps), qps
+
+
+def quantize(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> Quantized | None:
+    """Quantize a float tensor; None when it must be coded losslessly instead (non-finite values or a range too wide)."""
+    values = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(values).all():
+        return None
+    steps, qps = choose_steps(values, role, settings)
+    rows = _channel_view(values)
+    scaled = rows / (steps[:, None] if steps.size > 1 else steps[0])
+    if scaled.size and float(np.abs(scaled).max()) >= MAX_LEVEL:
+        return None
+    levels = np.rint(scaled).astype(np.int64).reshape(values.shape)
+    return Quantized(levels=levels, steps=steps, qps=qps)
+
+
+def dequantize(levels: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """float32 reconstruction level * step, with one step per first-axis row when several are given."""
+    if steps.size > 1:
+        rows = _channel_view(levels).astype(np.float32) * steps[:, None].astype(np.float32)
+        return rows.reshape(levels.shape)
+    return levels.astype(np.float32) * np.float32(steps[0])
