@@ -18,7 +18,7 @@ from .bitstream.primitives import ByteReader
 from .coding.tensors import Coding, TensorHeader, decode_tensor, encode_tensor, read_header
 from .errors import BitstreamError, NncError, UsageError
 from .fileio import same_file, write_bytes_atomic
-from .formats import FORMATS, check_output_suffix, read_model, write_model
+from .formats import FORMATS, check_output_suffix, model_files, read_model, write_model
 from .model import Model, TensorRole
 from .quantize.uniform import QuantSettings
 
@@ -89,7 +89,7 @@ class StreamInfo:
 
     @property
     def size(self) -> int:
-        return sum(u.size for u in self.units) + len(container.stream_header())
+        return sum(u.size for u in self.units) + container.HEADER_SIZE
 
 
 def compress_model(model: Model, options: EncodeOptions | None = None, original_bytes: int = 0) -> tuple[bytes, list[TensorReport]]:
@@ -202,17 +202,12 @@ def info(bitstream_path: str | os.PathLike) -> StreamInfo:
         ]
     except BitstreamError as err:
         raise BitstreamError(bitstream_path, err.problem) from None
-    return StreamInfo(str(bitstream_path), tuple(data[8:10]), parameters, described)
+    return StreamInfo(str(bitstream_path), tuple(data[len(container.MAGIC) : len(container.MAGIC) + 2]), parameters, described)
 
 
 def model_file_bytes(path: Path, model: Model) -> int:
     """Bytes the model occupies on disk, including ONNX external data files."""
-    total = path.stat().st_size
-    for name in filter(None, model.metadata.get("onnx.external_data_files", "").split("\n")):
-        data_file = path.parent / name
-        if data_file.is_file():
-            total += data_file.stat().st_size
-    return total
+    return sum(p.stat().st_size for p in model_files(path, model.format))
 
 
 def _read_bitstream_file(path: Path) -> bytes:

@@ -2,7 +2,7 @@
 
 Layout (all integers little-endian; see docs/FORMAT.md):
 
-    stream header   magic b"\\x8bNNC\\r\\n\\x1a\\n", u8 major, u8 minor
+    stream header   magic b"\\x8bNNC\\r\\n\\x1a\\n", u8 major, u8 minor, u32 CRC32(magic..minor)
     unit            u8 type, u32 payload length, payload, u32 CRC32(type..payload)
 
 The first unit is the parameter set (JSON), the second the topology, then one data unit
@@ -51,8 +51,12 @@ class Unit:
         return _UNIT_HEAD.size + len(self.payload) + _CRC.size
 
 
+HEADER_SIZE = len(MAGIC) + 2 + _CRC.size
+
+
 def stream_header() -> bytes:
-    return MAGIC + bytes(VERSION)
+    fixed = MAGIC + bytes(VERSION)
+    return fixed + _CRC.pack(zlib.crc32(fixed))
 
 
 def frame_unit(unit_type: UnitType, payload: bytes) -> bytes:
@@ -114,12 +118,16 @@ def parse_topology(payload: memoryview, limit: int = MAX_SIDE_UNIT) -> bytes:
 def iter_units(data: bytes | memoryview) -> Iterator[Unit]:
     """Check the stream header, then yield units after checking each one's length and CRC."""
     view = memoryview(data)
-    if len(view) < len(MAGIC) + 2 or bytes(view[: len(MAGIC)]) != MAGIC:
+    if len(view) < len(MAGIC) or bytes(view[: len(MAGIC)]) != MAGIC:
         raise BitstreamError(None, "not an nnc bitstream (bad magic)")
+    if len(view) < HEADER_SIZE:
+        raise BitstreamError(None, "bitstream is truncated in its header")
     major, minor = view[len(MAGIC)], view[len(MAGIC) + 1]
+    if zlib.crc32(view[: HEADER_SIZE - _CRC.size]) != _CRC.unpack_from(view, HEADER_SIZE - _CRC.size)[0]:
+        raise BitstreamError(None, "CRC mismatch in the stream header: the bitstream is corrupt")
     if major != VERSION[0]:
         raise BitstreamError(None, f"bitstream version {major}.{minor} is not supported (this nnc reads {VERSION[0]}.x)")
-    position = len(MAGIC) + 2
+    position = HEADER_SIZE
     while position < len(view):
         if len(view) - position < _UNIT_HEAD.size + _CRC.size:
             raise BitstreamError(None, f"bitstream is truncated at byte {position}")

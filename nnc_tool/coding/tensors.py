@@ -130,7 +130,8 @@ def decode_tensor(payload: bytes | memoryview) -> Tensor:
         planes = [decode_integers(reader.blob(), header.size) for _ in range(target.itemsize)]
         reader.expect_end()
         array = _from_byte_planes(planes, target, header.shape)
-    return Tensor(header.name, array, header.role)
+    # 0-d arithmetic yields numpy scalars; formats expect arrays of the declared shape.
+    return Tensor(header.name, np.asarray(array).reshape(header.shape), header.role)
 
 
 def _write_steps(writer: ByteWriter, steps: np.ndarray, qps: np.ndarray | None) -> None:

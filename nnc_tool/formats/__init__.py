@@ -165,6 +165,16 @@ def read_model(path: str | os.PathLike) -> Model:
     return FORMATS[detect_format(path)].read(path)
 
 
+def model_files(path: str | os.PathLike, format_name: str) -> list[Path]:
+    """Every file a model occupies on disk: the model file plus any ONNX external data files."""
+    path = Path(path)
+    if format_name != "onnx":
+        return [path]
+    from . import onnx_format
+
+    return [path, *onnx_format.external_files(path)]
+
+
 def check_output_suffix(format_name: str, path: str | os.PathLike) -> None:
     """Refuse an output name whose suffix does not fit the stored format."""
     spec = FORMATS[format_name]

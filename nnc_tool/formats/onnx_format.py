@@ -1,0 +1,584 @@
+"""ONNX models: split a ModelProto into topology + tensors, and put it back together.
+
+Tensors are taken from every place real exporters store float weights: graph initializers
+and `Constant` nodes, in the main graph and (recursively) in every graph-valued attribute
+(`If` branches, `Loop`/`Scan` bodies, ...).
+
+Tensor names (the keys `write` uses to put tensors back):
+  * main-graph initializer            -> its name, e.g. ``conv.weight``
+  * main-graph ``Constant`` node       -> its output name
+  * inside a subgraph                  -> ``<node>/<attribute>/<name>`` with ``<node>`` the node's
+    name (or its first output name when unnamed), nested for deeper levels, e.g.
+    ``gate/then_branch/w``; a ``GRAPHS`` attribute uses ``<attribute>[i]``.
+  A name already taken gets ``#2``, ``#3``, ... appended. The order of discovery (a graph's own
+  tensors before those of its subgraphs) depends only on the topology, so `write` recomputes
+  exactly the same names from the stored topology and needs no separate name table.
+
+Roles are decided by how a tensor is consumed (see `_LEARNED_SLOTS` and `_STEERING_SLOTS`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, numpy_helper
+
+from ..errors import FormatError
+from ..fileio import atomic_output
+from ..model import FLOAT_DTYPES, Model, Tensor, TensorRole, numpy_dtype
+
+FORMAT_NAME = "onnx"
+
+# Metadata key: "1" when the source model kept its tensors in an external data file, so the
+# decoded model is laid out the same way.
+META_EXTERNAL_DATA = "onnx.external_data"
+
+# ONNX element types we hand to the pipeline; anything else (strings, float8, int4, complex)
+# stays inside the topology untouched.
+_ONNX_DTYPES: dict[int, str] = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT16: "int16",
+    onnx.TensorProto.UINT16: "uint16",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.UINT32: "uint32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.UINT64: "uint64",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+_STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+
+# Input slots that hold learned parameters; `None` means every input. A float tensor is
+# lossy-codable only if *all* its consumers are such slots: a tensor that also feeds e.g. a
+# Concat or a custom op may carry exact constants we cannot reason about.
+_LEARNED_SLOTS: dict[str, frozenset[int] | None] = {
+    "Conv": frozenset({1, 2}),
+    "ConvTranspose": frozenset({1, 2}),
+    "Gemm": frozenset({0, 1, 2}),
+    "MatMul": frozenset({0, 1}),
+    "BatchNormalization": frozenset({1, 2, 3, 4}),
+    "InstanceNormalization": frozenset({1, 2}),
+    "LayerNormalization": frozenset({1, 2}),
+    "GroupNormalization": frozenset({1, 2}),
+    "PRelu": frozenset({1}),
+    "LSTM": frozenset({1, 2, 3, 7}),  # W, R, B and the peephole weights P
+    "GRU": frozenset({1, 2, 3}),
+    "RNN": frozenset({1, 2, 3}),
+    "Add": None,
+    "Sub": None,
+    "Mul": None,
+    "Div": None,
+    "Gather": frozenset({0}),  # embedding tables; the indices are integers anyway
+    "Einsum": None,
+}
+
+# Input slots whose *values* decide shapes, indices, trip counts or branches. Anything that can
+# reach them, through any chain of ops, must be coded exactly: a tiny error there changes the
+# graph's behaviour, not just its numbers. `None` means every input.
+_STEERING_SLOTS: dict[str, frozenset[int] | None] = {
+    "Reshape": frozenset({1}),
+    "Resize": frozenset({1, 2, 3}),
+    "Upsample": frozenset({1}),
+    "Expand": frozenset({1}),
+    "Tile": frozenset({1}),
+    "Range": None,
+    "Slice": frozenset({1, 2, 3, 4}),
+    "Pad": frozenset({1, 2, 3}),
+    "Clip": frozenset({1, 2}),
+    "ConstantOfShape": frozenset({0}),
+    "TopK": frozenset({1}),
+    "OneHot": frozenset({1}),
+    "Squeeze": frozenset({1}),
+    "Unsqueeze": frozenset({1}),
+    "Split": frozenset({1}),
+    "CumSum": frozenset({1}),
+    "NonMaxSuppression": frozenset({2, 3, 4}),
+    "Loop": frozenset({0, 1}),
+    "If": frozenset({0}),
+    # Less common ops whose inputs set output sizes, positions or counts for the same reason.
+    "Trilu": frozenset({1}),
+    "Compress": frozenset({1}),
+    "CenterCropPad": frozenset({1}),
+    "Col2Im": frozenset({1, 2}),
+    "MaxUnpool": frozenset({2}),
+    "AffineGrid": frozenset({1}),
+    "DFT": frozenset({1, 2}),
+    "STFT": frozenset({1, 3}),
+    "SplitToSequence": frozenset({1}),
+    "SequenceAt": frozenset({1}),
+    "SequenceInsert": frozenset({2}),
+    "SequenceErase": frozenset({1}),
+    "HannWindow": frozenset({0}),
+    "HammingWindow": frozenset({0}),
+    "BlackmanWindow": frozenset({0}),
+    "MelWeightMatrix": None,
+}
+
+# Ops whose outputs depend only on their input's shape, never on its values. Taint must stop
+# here, or the ubiquitous Shape -> Gather -> Concat -> Reshape pattern of exporters would mark
+# every weight upstream of a flatten as exact.
+_SHAPE_ONLY_OPS = frozenset({"Shape", "Size", "EyeLike", "RandomNormalLike", "RandomUniformLike"})
+
+# Initializers at least this big go to the external data file (onnx's own default threshold);
+# smaller ones are cheaper inline.
+_EXTERNAL_MIN_BYTES = 1024
+# Protobuf refuses to serialize messages of 2 GiB or more; keep a margin for per-tensor framing.
+_PROTO_LIMIT = 2**31 - 2**24
+# Offsets in the data file: large tensors aligned to the usual mmap granularity so runtimes can
+# map them directly, small ones just to a cache line.
+_ALIGN_LARGE_FROM = 2**20
+_ALIGN_LARGE = 2**16
+_ALIGN_SMALL = 64
+
+_ValueKey = tuple[int, str]  # (scope id, value name): names are only unique within a scope
+
+
+@dataclass
+class _Scope:
+    id: int
+    parent: _Scope | None
+    names: frozenset[str]
+
+    def resolve(self, name: str) -> _ValueKey:
+        """The key of `name` as seen from this scope (subgraphs may use outer-scope values)."""
+        scope: _Scope | None = self
+        while scope is not None:
+            if name in scope.names:
+                return (scope.id, name)
+            scope = scope.parent
+        return (-1, name)  # undefined in a valid model; keep it distinct from any real value
+
+
+@dataclass
+class _Slot:
+    """One extracted tensor: where it lives in the ModelProto and which value it defines."""
+
+    name: str
+    proto: onnx.TensorProto
+    key: _ValueKey
+    is_initializer: bool
+
+
+@dataclass
+class _Analysis:
+    slots: list[_Slot] = field(default_factory=list)
+    # value -> every (op, input slot) that reads it; op "" marks a graph output
+    uses: dict[_ValueKey, list[tuple[str, int]]] = field(default_factory=lambda: defaultdict(list))
+    # value -> values it is computed from (edges for the backward taint)
+    deps: dict[_ValueKey, list[_ValueKey]] = field(default_factory=lambda: defaultdict(list))
+    seeds: list[_ValueKey] = field(default_factory=list)
+
+
+def _is_learned(op: str, index: int) -> bool:
+    allowed = _LEARNED_SLOTS.get(op, frozenset())
+    return allowed is None or index in allowed
+
+
+def _is_steering(op: str, index: int) -> bool:
+    if op not in _STEERING_SLOTS:
+        return op.startswith("Reduce") and index == 1  # the axes input of every Reduce* op
+    allowed = _STEERING_SLOTS[op]
+    return allowed is None or index in allowed
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor of a `Constant` node in its `value` form (scalar/list forms stay in topology)."""
+    if node.op_type != "Constant" or node.domain not in _STANDARD_DOMAINS or not node.output or not node.output[0]:
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    found: list[tuple[str, onnx.GraphProto]] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append((attr.name, attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found.extend((f"{attr.name}[{i}]", g) for i, g in enumerate(attr.graphs))
+    return found
+
+
+def _present(keys: list[_ValueKey | None], index: int) -> list[_ValueKey]:
+    """The key at `index` as a 0- or 1-element list (optional inputs may be absent or empty)."""
+    key = keys[index] if index < len(keys) else None
+    return [] if key is None else [key]
+
+
+def _control_flow_deps(
+    node: onnx.NodeProto,
+    ins: list[_ValueKey | None],
+    outs: list[_ValueKey | None],
+    body_ins: list[_ValueKey],
+    body_outs: list[_ValueKey],
+) -> tuple[list[list[_ValueKey]], list[list[_ValueKey]]] | None:
+    """Per-position dependencies (of body inputs, of node outputs) for If/Loop/Scan.
+
+    Knowing which body output feeds which node output keeps taint from a shape computed off
+    one loop-carried value from spilling onto every weight used in the body. Returns None when
+    the arity does not match the op's contract, so the caller falls back to all-to-all.
+    """
+    op = node.op_type
+    if op == "If":
+        if body_ins or len(body_outs) != len(outs):
+            return None
+        return [], [[b] for b in body_outs]
+    if op == "Loop":
+        # node (M, cond, v...) -> (v_final..., scan...); body (iter, cond, v...) -> (cond, v..., scan...)
+        n_carried = len(ins) - 2
+        if n_carried < 0 or len(body_ins) != n_carried + 2 or len(body_outs) != len(outs) + 1:
+            return None
+        body_in_deps = [_present(ins, 0), _present(ins, 1) + [body_outs[0]]]
+        body_in_deps += [_present(ins, 2 + i) + [body_outs[1 + i]] for i in range(n_carried)]
+        # Zero iterations return the initial values, hence the dependency on the node input too.
+        out_deps = [[body_outs[1 + i]] + _present(ins, 2 + i) for i in range(n_carried)]
+        out_deps += [[b] for b in body_outs[1 + n_carried :]]
+        return body_in_deps, out_deps
+    if op == "Scan":
+        # node (state..., scan_in...) -> (state_final..., scan_out...); the body mirrors it by position
+        n_scan = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), -1)
+        n_state = len(ins) - n_scan
+        if n_scan < 0 or n_state < 0 or len(body_ins) != len(ins) or len(body_outs) != len(outs):
+            return None
+        body_in_deps = [_present(ins, j) + (body_outs[j : j + 1] if j < n_state else []) for j in range(len(ins))]
+        out_deps = [[body_outs[j]] + (_present(ins, j) if j < n_state else []) for j in range(len(outs))]
+        return body_in_deps, out_deps
+    return None
+
+
+def _analyse(proto: onnx.ModelProto) -> _Analysis:
+    """Find extractable tensors, name them, and record consumers and value dependencies."""
+    result = _Analysis()
+    taken: set[str] = set()
+    next_scope_id = 0
+
+    def unique(candidate: str) -> str:
+        name, k = candidate, 2
+        while name in taken:
+            name, k = f"{candidate}#{k}", k + 1
+        taken.add(name)
+        return name
+
+    def visit(graph: onnx.GraphProto, prefix: str, parent: _Scope | None) -> _Scope:
+        nonlocal next_scope_id
+        names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+        names |= {o for n in graph.node for o in n.output if o}
+        scope = _Scope(next_scope_id, parent, frozenset(names))
+        next_scope_id += 1
+
+        # The graph's own tensors are named before any subgraph's, so main-graph tensors always
+        # keep their plain names and a colliding subgraph name is the one that gets a suffix.
+        for init in graph.initializer:
+            if init.data_type in _ONNX_DTYPES:
+                result.slots.append(_Slot(unique(prefix + init.name), init, (scope.id, init.name), True))
+        for node in graph.node:
+            tensor = _constant_tensor(node)
+            if tensor is not None and tensor.data_type in _ONNX_DTYPES:
+                key = (scope.id, node.output[0])
+                result.slots.append(_Slot(unique(prefix + node.output[0]), tensor, key, False))
+
+        for out in graph.output:
+            result.uses[scope.resolve(out.name)].append(("", -1))
+
+        nested: list[tuple[int, onnx.NodeProto, list[_ValueKey | None], list[_ValueKey | None]]] = []
+        for index, node in enumerate(graph.node):
+            ins = [scope.resolve(n) if n else None for n in node.input]
+            outs: list[_ValueKey | None] = [(scope.id, o) if o else None for o in node.output]
+            standard = node.domain in _STANDARD_DOMAINS
+            op = node.op_type if standard else f"{node.domain}::{node.op_type}"
+            for slot, key in enumerate(ins):
+                if key is None:
+                    continue
+                result.uses[key].append((op, slot))
+                if standard and _is_steering(node.op_type, slot):
+                    result.seeds.append(key)
+            if not (standard and node.op_type in _SHAPE_ONLY_OPS):
+                real_ins = [k for k in ins if k is not None]
+                for out_key in outs:
+                    if out_key is not None:
+                        result.deps[out_key].extend(real_ins)
+            if node.attribute and any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
+            ):
+                nested.append((index, node, ins, outs))
+
+        for index, node, ins, outs in nested:
+            node_id = node.name or next((o for o in node.output if o), f"{node.op_type}#{index}")
+            real_ins = [k for k in ins if k is not None]
+            for label, sub in _subgraphs(node):
+                child = visit(sub, f"{prefix}{node_id}/{label}/", scope)
+                body_ins = [(child.id, v.name) for v in sub.input]
+                body_outs = [child.resolve(v.name) for v in sub.output]
+                mapped = None
+                if node.domain in _STANDARD_DOMAINS:
+                    mapped = _control_flow_deps(node, ins, outs, body_ins, body_outs)
+                if mapped is None:
+                    # Unknown contract: every body input may carry every node input and every
+                    # body output may reach every node output.
+                    body_in_deps = [real_ins + body_outs for _ in body_ins]
+                    out_deps = [body_outs for _ in outs]
+                else:
+                    body_in_deps, out_deps = mapped
+                for key, deps in zip(body_ins, body_in_deps):
+                    result.deps[key].extend(deps)
+                for out_key, deps in zip(outs, out_deps):
+                    if out_key is not None:
+                        result.deps[out_key].extend(deps)
+                if node.op_type == "Loop" and node.domain in _STANDARD_DOMAINS and body_outs:
+                    result.seeds.append(body_outs[0])  # the body's "continue" condition
+        return scope
+
+    visit(proto.graph, "", None)
+    return result
+
+
+def _tainted(analysis: _Analysis) -> set[_ValueKey]:
+    """Every value that can reach a steering slot, by walking dependencies backwards."""
+    seen: set[_ValueKey] = set(analysis.seeds)
+    queue = deque(seen)
+    while queue:
+        for dep in analysis.deps.get(queue.popleft(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                queue.append(dep)
+    return seen
+
+
+def _roles(analysis: _Analysis) -> list[TensorRole]:
+    tainted = _tainted(analysis)
+    roles: list[TensorRole] = []
+    for slot in analysis.slots:
+        consumers = analysis.uses.get(slot.key, [])
+        lossy = (
+            _ONNX_DTYPES[slot.proto.data_type] in FLOAT_DTYPES
+            and slot.key not in tainted
+            and bool(consumers)
+            and all(_is_learned(op, index) for op, index in consumers)
+        )
+        if not lossy:
+            roles.append(TensorRole.EXACT)
+        else:
+            roles.append(TensorRole.WEIGHT if len(slot.proto.dims) >= 2 else TensorRole.NONWEIGHT)
+    return roles
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a graph and its subgraphs that may point to external data."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_tensors(sub)
+
+
+def _load(path: Path) -> tuple[onnx.ModelProto, bool]:
+    """Parse the model and pull in its external data; returns (proto, used external data)."""
+    if not path.is_file():
+        raise FormatError(path, "no such file" if not path.exists() else "not a regular file")
+    try:
+        proto = onnx.load_model(os.fspath(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf raises several unrelated types
+        raise FormatError(path, f"not a valid ONNX model ({_one_line(err)})") from err
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise FormatError(path, "not an ONNX model (no IR version or no graph)")
+    if proto.ir_version >= 3 and not proto.opset_import:
+        # onnx serializes opset_import after the graph, so its absence is the usual sign of a
+        # file cut off right after the graph.
+        raise FormatError(path, "ONNX model has no opset imports (truncated file?)")
+
+    external = [t for t in _all_tensors(proto.graph) if external_data_helper.uses_external_data(t)]
+    if external:
+        base = path.parent
+        for tensor in external:
+            location = external_data_helper.ExternalDataInfo(tensor).location
+            if not (base / location).is_file():
+                raise FormatError(path, f"external data file '{location}' (tensor '{tensor.name}') is missing")
+        try:
+            external_data_helper.load_external_data_for_model(proto, os.fspath(base))
+        except Exception as err:  # noqa: BLE001 - onnx raises ValueError, OSError, ValidationError
+            raise FormatError(path, f"damaged external data: {_one_line(err)}") from err
+    return proto, bool(external)
+
+
+def external_files(path: Path) -> list[Path]:
+    """The external data files an ONNX model refers to (existing ones, each once)."""
+    proto = onnx.load_model(os.fspath(path), load_external_data=False)
+    locations = {
+        external_data_helper.ExternalDataInfo(t).location
+        for t in _all_tensors(proto.graph)
+        if external_data_helper.uses_external_data(t)
+    }
+    return [path.parent / loc for loc in sorted(locations) if (path.parent / loc).is_file()]
+
+
+def _to_array(tensor: onnx.TensorProto, path: Path) -> np.ndarray:
+    dtype = numpy_dtype(_ONNX_DTYPES[tensor.data_type])
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.raw_data and len(tensor.raw_data) != count * dtype.itemsize:
+        raise FormatError(
+            path,
+            f"tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, expected {count * dtype.itemsize}"
+            " (damaged data or external data file?)",
+        )
+    try:
+        array = numpy_helper.to_array(tensor)
+    except Exception as err:  # noqa: BLE001
+        raise FormatError(path, f"tensor '{tensor.name}' is damaged ({_one_line(err)})") from err
+    if array.dtype != dtype:
+        # Older onnx releases return bfloat16 as raw uint16 bit patterns (or widened to float32).
+        same_bits = array.dtype.kind in "ui" and array.dtype.itemsize == dtype.itemsize
+        array = array.view(dtype) if same_bits else array.astype(dtype)
+    # Own, writable, C-contiguous memory: to_array may return a read-only view of proto bytes.
+    return np.array(array, dtype=dtype, order="C", copy=True).reshape(tuple(tensor.dims))
+
+
+def _strip(tensor: onnx.TensorProto) -> None:
+    """Drop a tensor's payload but keep its name, dtype and dims as the slot to refill."""
+    for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(name)
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")
+
+
+def read(path: Path) -> Model:
+    """Read an ONNX model (with or without external data) into a format-neutral `Model`."""
+    path = Path(path)
+    proto, external = _load(path)
+    analysis = _analyse(proto)
+    tensors: list[Tensor] = []
+    for slot, role in zip(analysis.slots, _roles(analysis)):
+        tensors.append(Tensor(slot.name, _to_array(slot.proto, path), role))
+        _strip(slot.proto)
+    try:
+        topology = proto.SerializeToString()
+    except Exception as err:  # noqa: BLE001 - e.g. >2 GB of tensors we do not extract
+        raise FormatError(path, f"cannot serialize the ONNX graph ({_one_line(err)})") from err
+    return Model(
+        format=FORMAT_NAME,
+        topology=topology,
+        tensors=tensors,
+        metadata={META_EXTERNAL_DATA: "1" if external else "0"},
+    )
+
+
+def _fit(tensor: Tensor, slot: _Slot, path: Path) -> np.ndarray:
+    """The tensor's array in the slot's declared dtype and shape, little-endian and contiguous."""
+    want_name = _ONNX_DTYPES[slot.proto.data_type]
+    want = numpy_dtype(want_name)
+    shape = tuple(int(d) for d in slot.proto.dims)
+    array = tensor.array
+    if array.dtype != want:
+        # Float precision may legitimately be changed by the pipeline; integer data may not.
+        if not (tensor.is_float and want_name in FLOAT_DTYPES):
+            raise FormatError(path, f"tensor '{slot.name}' is {tensor.dtype}, the model needs {want_name}")
+        array = array.astype(want)
+    if array.shape != shape:
+        if array.size != int(np.prod(shape, dtype=np.int64)):
+            raise FormatError(path, f"tensor '{slot.name}' has shape {array.shape}, the model needs {shape}")
+        array = array.reshape(shape)
+    array = np.ascontiguousarray(array)
+    if sys.byteorder == "big" and want.itemsize > 1:
+        array = array.byteswap()  # ONNX raw data is always little-endian
+    return array
+
+
+def _bytes_view(array: np.ndarray) -> np.ndarray:
+    """The array's memory as uint8 (works for ml_dtypes, which lack a buffer format)."""
+    return array.reshape(-1).view(np.uint8)
+
+
+def write(model: Model, path: Path) -> None:
+    """Write `model` (read by `read`) as ONNX at `path`, plus `path.name + '.data'` if needed."""
+    path = Path(path)
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(model.topology)
+    except Exception as err:  # noqa: BLE001
+        raise FormatError(path, f"stored ONNX topology is damaged ({_one_line(err)})") from err
+    slots = _analyse(proto).slots
+    by_name = model.tensor_map()
+    missing = [s.name for s in slots if s.name not in by_name]
+    unexpected = sorted(set(by_name) - {s.name for s in slots})
+    if missing or unexpected:
+        raise FormatError(
+            path,
+            f"tensors do not fit the ONNX graph (missing: {', '.join(missing[:5]) or '-'};"
+            f" unexpected: {', '.join(unexpected[:5]) or '-'})",
+        )
+    arrays = [_fit(by_name[s.name], s, path) for s in slots]
+
+    total = len(model.topology) + sum(a.nbytes for a in arrays)
+    if model.metadata.get(META_EXTERNAL_DATA) == "1" or total >= _PROTO_LIMIT:
+        _write_external(proto, slots, arrays, path, len(model.topology))
+        return
+    for slot, array in zip(slots, arrays):
+        slot.proto.raw_data = _bytes_view(array).tobytes()
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+
+
+def _write_external(
+    proto: onnx.ModelProto, slots: list[_Slot], arrays: list[np.ndarray], path: Path, topology_bytes: int
+) -> None:
+    data_name = path.name + ".data"
+    big = [a.nbytes >= _EXTERNAL_MIN_BYTES for a in arrays]
+    # Constants stay inline like onnx's own exporter does (many tools only resolve external
+    # data on initializers), unless keeping them inline would break the protobuf size limit.
+    inline_bytes = topology_bytes + sum(
+        a.nbytes for s, a, b in zip(slots, arrays, big) if not (b and s.is_initializer)
+    )
+    constants_out = inline_bytes >= _PROTO_LIMIT
+    outside = [b and (s.is_initializer or constants_out) for s, b in zip(slots, big)]
+
+    # Data first, model second: whoever sees the new model file also sees its data.
+    with atomic_output(path) as tmp_model:
+        with atomic_output(path.with_name(data_name)) as tmp_data:
+            with tmp_data.open("wb") as data:
+                offset = 0
+                for slot, array, out in zip(slots, arrays, outside):
+                    if not out:
+                        slot.proto.raw_data = _bytes_view(array).tobytes()
+                        continue
+                    align = _ALIGN_LARGE if array.nbytes >= _ALIGN_LARGE_FROM else _ALIGN_SMALL
+                    pad = -offset % align
+                    data.write(b"\0" * pad)
+                    offset += pad
+                    data.write(_bytes_view(array))
+                    # Filled by hand: onnx's set_external_data insists on raw_data being present.
+                    for key, value in (("location", data_name), ("offset", offset), ("length", array.nbytes)):
+                        entry = slot.proto.external_data.add()
+                        entry.key, entry.value = key, str(value)
+                    slot.proto.data_location = onnx.TensorProto.EXTERNAL
+                    offset += array.nbytes
+            tmp_model.write_bytes(proto.SerializeToString())
+
+
+__all__ = ["FORMAT_NAME", "META_EXTERNAL_DATA", "external_files", "read", "write"]
