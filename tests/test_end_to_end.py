@@ -224,3 +224,40 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and str(junk) in proc.stderr
     assert not (tmp_path / "o.nnc").exists()
+
+
+@pytest.mark.parametrize("options", [["--per-channel"], ["--bits", "8"], ["--qp", "-30", "--nonweight-qp", "-60"]])
+def test_cli_quantization_options_keep_a_working_model(tmp_path: Path, options: list[str], digits_test) -> None:
+    x, y = digits_test
+    source = SAMPLES / "mobilenet.onnx"
+    result = run_cli("encode", source, "-o", tmp_path / "m.nnc", *options)
+    assert result.exit_code == 0, result.output
+    assert run_cli("decode", tmp_path / "m.nnc", "-o", tmp_path / "m.onnx").exit_code == 0
+    assert accuracy(tmp_path / "m.onnx", "onnx", x, y) >= accuracy(source, "onnx", x, y) - 1.0
+    settings = json.loads(run_cli("info", tmp_path / "m.nnc", "--json").output)["parameters"]["settings"]
+    assert settings["per_channel"] == ("--per-channel" in options)
+    assert settings["bits"] == (8 if "--bits" in options else None)
+
+
+def test_per_channel_stores_one_step_per_output_channel(tmp_path: Path) -> None:
+    from nnc_tool.bitstream import container
+    from nnc_tool.bitstream.primitives import ByteReader
+    from nnc_tool.coding.tensors import read_header
+
+    data, _ = nnc_tool.compress_model(nnc_tool.read_model(SAMPLES / "lenet.onnx"), nnc_tool.EncodeOptions(per_channel=True))
+    headers = [read_header(ByteReader(u.payload)) for u in container.iter_units(data) if u.type == container.UnitType.DATA]
+    conv = next(h for h in headers if len(h.shape) == 4)
+    assert conv.steps.shape == (conv.shape[0],)
+
+
+def test_bitstreams_are_identical_across_processes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"run{run}.nnc"
+        subprocess.run([sys.executable, "-m", "nnc_tool.cli", "encode", str(SAMPLES / "mobilenet.pt2"), "-o", str(out)],
+                       check=True, capture_output=True, env={**__import__("os").environ, "PYTHONHASHSEED": str(run)})
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]

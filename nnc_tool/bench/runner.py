@@ -5,6 +5,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,7 +98,10 @@ def make_runner(model_path: Path, fmt: str, threads: int = 1) -> Runner:
 
     torch.set_num_threads(threads)
     if fmt == "torchscript":
-        module = torch.jit.load(os.fspath(model_path), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            # torch 2.9+ flags TorchScript as deprecated; users with .pt files still need it run.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(os.fspath(model_path), map_location="cpu").eval()
     elif fmt == "torch-export":
         module = torch.export.load(os.fspath(model_path)).module()
     else:

@@ -17,6 +17,7 @@ own restricted loaders.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import logging
@@ -532,17 +533,24 @@ def _without_debug_info(archive: bytes) -> bytes:
     return stripped.getvalue()
 
 
-def _write_torchscript(path: Path, header: dict[str, Any], blob: bytes, tensors: dict[str, torch.Tensor]) -> None:
-    extra = {name: "" for name in header.get("extra_files", [])}
+@contextlib.contextmanager
+def _damaged_topology_errors(path: Path) -> Iterator[None]:
+    """torch's loaders fail in many ways on a bad archive; the user gets one line."""
     try:
-        module = torch.jit.load(io.BytesIO(blob), map_location="cpu", _extra_files=extra)
-        targets = _torchscript_tensors(module)
-        _check_targets(header, targets)
-        _fill(targets, header["tensors"], tensors)
+        yield
     except FormatError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise FormatError(path, f"model topology is damaged ({_reason(exc)})") from None
+
+
+def _write_torchscript(path: Path, header: dict[str, Any], blob: bytes, tensors: dict[str, torch.Tensor]) -> None:
+    extra = {name: "" for name in header.get("extra_files", [])}
+    with _damaged_topology_errors(path):
+        module = torch.jit.load(io.BytesIO(blob), map_location="cpu", _extra_files=extra)
+        targets = _torchscript_tensors(module)
+        _check_targets(header, targets)
+        _fill(targets, header["tensors"], tensors)
     with atomic_output(path) as tmp, tmp.open("wb") as f:
         torch.jit.save(module, f, _extra_files=extra)
 
@@ -596,16 +604,12 @@ def _read_export(path: Path, log: _LogCapture) -> Model:
 
 
 def _write_export(path: Path, header: dict[str, Any], blob: bytes, tensors: dict[str, torch.Tensor]) -> None:
-    try:
+    with _damaged_topology_errors(path):
         program = torch.export.load(io.BytesIO(blob))
         items = _export_tensors(program)
         targets = [(n, t) for n, (_, t, _) in zip(_export_names(items), items)]
         _check_targets(header, targets)
         _fill(targets, header["tensors"], tensors)
-    except FormatError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise FormatError(path, f"model topology is damaged ({_reason(exc)})") from None
     with atomic_output(path) as tmp, tmp.open("wb") as f:
         torch.export.save(program, f)
 
