@@ -472,6 +472,11 @@ def read(path: Path) -> Model:
     """Read an ONNX model (with or without external data) into a format-neutral `Model`."""
     path = Path(path)
     proto, external = _load(path)
+    return from_proto(proto, {META_EXTERNAL_DATA: "1" if external else "0"}, path)
+
+
+def from_proto(proto: onnx.ModelProto, metadata: dict[str, str] | None = None, path: Path | None = None) -> Model:
+    """Split an in-memory ModelProto (weights loaded) into topology + tensors. Consumes `proto`."""
     analysis = _analyse(proto)
     tensors: list[Tensor] = []
     for slot, role in zip(analysis.slots, _roles(analysis)):
@@ -481,12 +486,15 @@ def read(path: Path) -> Model:
         topology = proto.SerializeToString()
     except Exception as err:  # noqa: BLE001 - e.g. >2 GB of tensors we do not extract
         raise FormatError(path, f"cannot serialize the ONNX graph ({_one_line(err)})") from err
-    return Model(
-        format=FORMAT_NAME,
-        topology=topology,
-        tensors=tensors,
-        metadata={META_EXTERNAL_DATA: "1" if external else "0"},
-    )
+    return Model(format=FORMAT_NAME, topology=topology, tensors=tensors, metadata=dict(metadata or {}))
+
+
+def to_proto(model: Model) -> onnx.ModelProto:
+    """The complete in-memory ModelProto (all weights inline) for graph analysis and rewriting."""
+    proto, slots, arrays = _assemble(model, None)
+    for slot, array in zip(slots, arrays):
+        slot.proto.raw_data = _bytes_view(array).tobytes()
+    return proto
 
 
 def _fit(tensor: Tensor, slot: _Slot, path: Path) -> np.ndarray:
@@ -518,6 +526,19 @@ def _bytes_view(array: np.ndarray) -> np.ndarray:
 def write(model: Model, path: Path) -> None:
     """Write `model` (read by `read`) as ONNX at `path`, plus `path.name + '.data'` if needed."""
     path = Path(path)
+    proto, slots, arrays = _assemble(model, path)
+    total = len(model.topology) + sum(a.nbytes for a in arrays)
+    if model.metadata.get(META_EXTERNAL_DATA) == "1" or total >= _PROTO_LIMIT:
+        _write_external(proto, slots, arrays, path, len(model.topology))
+        return
+    for slot, array in zip(slots, arrays):
+        slot.proto.raw_data = _bytes_view(array).tobytes()
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+
+
+def _assemble(model: Model, path: Path | None) -> tuple[onnx.ModelProto, list[_Slot], list[np.ndarray]]:
+    """Parse the topology and match each tensor slot with its array (not yet filled in)."""
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(model.topology)
@@ -533,16 +554,7 @@ def write(model: Model, path: Path) -> None:
             f"tensors do not fit the ONNX graph (missing: {', '.join(missing[:5]) or '-'};"
             f" unexpected: {', '.join(unexpected[:5]) or '-'})",
         )
-    arrays = [_fit(by_name[s.name], s, path) for s in slots]
-
-    total = len(model.topology) + sum(a.nbytes for a in arrays)
-    if model.metadata.get(META_EXTERNAL_DATA) == "1" or total >= _PROTO_LIMIT:
-        _write_external(proto, slots, arrays, path, len(model.topology))
-        return
-    for slot, array in zip(slots, arrays):
-        slot.proto.raw_data = _bytes_view(array).tobytes()
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(proto.SerializeToString())
+    return proto, slots, [_fit(by_name[s.name], s, path) for s in slots]
 
 
 def _write_external(
@@ -581,4 +593,4 @@ def _write_external(
             tmp_model.write_bytes(proto.SerializeToString())
 
 
-__all__ = ["FORMAT_NAME", "META_EXTERNAL_DATA", "external_files", "read", "write"]
+__all__ = ["FORMAT_NAME", "META_EXTERNAL_DATA", "external_files", "from_proto", "read", "to_proto", "write"]
