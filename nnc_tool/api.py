@@ -20,6 +20,7 @@ from .errors import BitstreamError, NncError, UsageError
 from .fileio import same_file, write_bytes_atomic
 from .formats import FORMATS, check_output_suffix, model_files, read_model, write_model
 from .model import Model, TensorRole
+from .prune import PruneConfig, PruneReport, prune
 from .quantize.uniform import QuantSettings
 
 EncodeOptions = QuantSettings
@@ -50,6 +51,7 @@ class EncodeReport:
     parameter_count: int
     seconds: float
     tensors: list[TensorReport] = field(default_factory=list)
+    pruning: PruneReport | None = None
 
     @property
     def ratio(self) -> float:
@@ -136,10 +138,16 @@ def decompress_model(data: bytes | memoryview) -> Model:
     return Model(format=parameters["format"], topology=topology, tensors=tensors, metadata=metadata)
 
 
-def encode(model_path: str | os.PathLike, output_path: str | os.PathLike | None, options: EncodeOptions | None = None) -> EncodeReport:
+def encode(
+    model_path: str | os.PathLike,
+    output_path: str | os.PathLike | None,
+    options: EncodeOptions | None = None,
+    pruning: PruneConfig | None = None,
+) -> EncodeReport:
     """Compress a model file into an nnc bitstream written atomically to `output_path`.
 
-    With `output_path=None` nothing is written (useful for measuring sizes).
+    `pruning` runs the pruning stage before quantization. With `output_path=None` nothing
+    is written (useful for measuring sizes).
     """
     started = time.perf_counter()
     model_path = Path(model_path)
@@ -147,6 +155,9 @@ def encode(model_path: str | os.PathLike, output_path: str | os.PathLike | None,
         raise UsageError(output_path, "output would overwrite the input model")
     model = read_model(model_path)
     original_bytes = model_file_bytes(model_path, model)
+    prune_report = None
+    if pruning is not None and pruning.sparsity > 0:
+        model, prune_report = prune(model, pruning)
     data, tensor_reports = compress_model(model, options, original_bytes)
     if output_path is not None:
         write_bytes_atomic(output_path, data)
@@ -161,6 +172,7 @@ def encode(model_path: str | os.PathLike, output_path: str | os.PathLike | None,
         parameter_count=model.parameter_count,
         seconds=time.perf_counter() - started,
         tensors=tensor_reports,
+        pruning=prune_report,
     )
 
 

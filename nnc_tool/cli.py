@@ -12,7 +12,10 @@ import click
 
 from . import __version__, api
 from .bench import bench as run_bench
-from .errors import NncError
+from .bench.runner import load_eval_data
+from .errors import NncError, UsageError
+from .prune import PruneConfig, PruneReport
+from .prune.config import ALLOCATIONS, IMPORTANCES, METHODS, NM_GRANULARITIES, SCOPES
 from .quantize.uniform import QuantSettings
 
 
@@ -66,6 +69,51 @@ def quantization_options(command):
     return command
 
 
+def pruning_options(command):
+    options = [
+        click.option("--prune", "prune_method", type=click.Choice(METHODS), default=None,
+                     help="Pruning before quantization: single weights, k-out-of-n, whole channels, or whole residual branches."),
+        click.option("--sparsity", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.5, show_default=True,
+                     help="Fraction of weights, channels or branches removed."),
+        click.option("--scope", type=click.Choice(SCOPES), default="layer", show_default=True,
+                     help="Unstructured: same fraction per layer, or one global threshold."),
+        click.option("--nm", default="2:4", show_default=True, metavar="K:N",
+                     help="k-out-of-n pruning: keep K of every N consecutive weights."),
+        click.option("--nm-granularity", type=click.Choice(NM_GRANULARITIES), default="weight", show_default=True,
+                     help="k-out-of-n over single weights or whole kernels."),
+        click.option("--importance", type=click.Choice(IMPORTANCES), default="l1", show_default=True,
+                     help="How channels are ranked (activation and shapley need --calib)."),
+        click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
+                     help="How much each layer loses (sensitivity needs --calib)."),
+        click.option("--calib", type=click.Path(dir_okay=False), default=None,
+                     help=".npz with calibration inputs 'x' (a few hundred samples) for ranking and refitting."),
+        click.option("--no-refit", is_flag=True, help="Do not refit the next layers by least squares after pruning."),
+        click.option("--shapley-permutations", type=click.IntRange(1, 10000), default=16, show_default=True,
+                     help="Budget of the Shapley estimator: permutations per layer."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of random ranking and sampling."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _pruning(prune_method: str | None, sparsity: float, scope: str, nm: str, nm_granularity: str, importance: str,
+             allocation: str, calib: str | None, no_refit: bool, shapley_permutations: int, seed: int) -> PruneConfig | None:
+    if prune_method is None:
+        return None
+    try:
+        k, n = (int(part) for part in nm.split(":"))
+    except ValueError:
+        raise UsageError(None, f"--nm expects K:N such as 2:4, got {nm!r}") from None
+    calibration = load_eval_data(calib)[0] if calib else None
+    try:
+        return PruneConfig(method=prune_method, sparsity=sparsity, scope=scope, nm=(k, n), nm_granularity=nm_granularity,
+                           importance=importance, allocation=allocation, calibration=calibration, refit=not no_refit,
+                           shapley_permutations=shapley_permutations, seed=seed)
+    except ValueError as err:
+        raise UsageError(None, str(err)) from None
+
+
 def _settings(qp: int, nonweight_qp: int, bits: int | None, per_channel: bool, lossless: bool) -> QuantSettings:
     return QuantSettings(qp=qp, nonweight_qp=nonweight_qp, bits=bits, per_channel=per_channel, lossless=lossless)
 
@@ -80,16 +128,20 @@ def main() -> None:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Bitstream to write (.nnc).")
 @quantization_options
+@pruning_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor.")
 @handle_errors
 def encode(model: str, output: str, qp: int, nonweight_qp: int, bits: int | None, per_channel: bool,
-           lossless: bool, as_json: bool, verbose: bool) -> None:
+           lossless: bool, as_json: bool, verbose: bool, **prune_options) -> None:
     """Compress MODEL into an nnc bitstream."""
-    report = api.encode(model, output, _settings(qp, nonweight_qp, bits, per_channel, lossless))
+    report = api.encode(model, output, _settings(qp, nonweight_qp, bits, per_channel, lossless),
+                        _pruning(**prune_options))
     if as_json:
         _print_json(report.to_dict())
         return
+    if report.pruning is not None:
+        _echo_pruning(report.pruning, verbose)
     if verbose:
         for t in report.tensors:
             step = f"step {t.step:.3g}" if t.step is not None else "lossless"
@@ -99,6 +151,21 @@ def encode(model: str, output: str, qp: int, nonweight_qp: int, bits: int | None
         f"{_human(report.bitstream_bytes)}, ratio {report.ratio:.2f}x, {report.tensor_count} tensors, "
         f"{report.seconds:.2f} s"
     )
+
+
+def _echo_pruning(report: PruneReport, verbose: bool) -> None:
+    kept = report.parameters_after / report.parameters_before if report.parameters_before else 1.0
+    click.echo(
+        f"pruned ({report.method}): {report.parameters_before} -> {report.parameters_after} parameters "
+        f"({100 * kept:.1f} % kept), {report.zeros_after} zeros"
+    )
+    if verbose:
+        for layer in report.layers:
+            click.echo(f"  {layer.name:<40} {layer.before:>8} -> {layer.after}")
+    for skipped in report.skipped:
+        click.echo(f"  left alone: {skipped}")
+    for note in report.notes:
+        click.echo(f"  note: {note}")
 
 
 @main.command()
@@ -150,6 +217,7 @@ def info(bitstream: str, as_json: bool) -> None:
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help=".npz with inputs 'x' and optional integer labels 'y'.")
 @quantization_options
+@pruning_options
 @click.option("--runs", type=click.IntRange(1, 100000), default=50, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(0, 10000), default=5, show_default=True, help="Untimed runs first.")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=1, show_default=True, help="Batch for latency.")
@@ -158,10 +226,11 @@ def info(bitstream: str, as_json: bool) -> None:
 @handle_errors
 def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight_qp: int, bits: int | None,
           per_channel: bool, lossless: bool, runs: int, warmup: int, batch_size: int, threads: int,
-          as_json: bool) -> None:
+          as_json: bool, **prune_options) -> None:
     """Measure size, latency and accuracy (or fidelity) of MODEL against its nnc-coded rebuild."""
     report = run_bench(model, nnc_path, data, _settings(qp, nonweight_qp, bits, per_channel, lossless),
-                       runs=runs, warmup=warmup, batch_size=batch_size, threads=threads)
+                       runs=runs, warmup=warmup, batch_size=batch_size, threads=threads,
+                       pruning=_pruning(**prune_options))
     if as_json:
         _print_json(report.to_dict())
         return

@@ -66,6 +66,18 @@ def dtype_name(dtype: np.dtype) -> str:
     return name
 
 
+def default_role(dtype: str, ndim: int) -> TensorRole:
+    """Role of a tensor from dtype and rank alone, for formats without a graph to consult.
+
+    Multi-dimensional floats are the bulk of learned weights; 1-D/0-D floats are biases,
+    norm scales and running statistics that need a finer step; anything integer or bool
+    (counters, indices, masks) must survive exactly.
+    """
+    if dtype in FLOAT_DTYPES:
+        return TensorRole.WEIGHT if ndim >= 2 else TensorRole.NONWEIGHT
+    return TensorRole.EXACT
+
+
 @dataclass
 class Tensor:
     """One named tensor of a model.

@@ -164,7 +164,8 @@ def weight_snr_db(original_path: Path, rebuilt_path: Path) -> float | None:
     rebuilt = read_model(rebuilt_path).tensor_map()
     signal = noise = 0.0
     for name, tensor in original.items():
-        if not tensor.is_float or name not in rebuilt:
+        # Structured pruning removes tensors or changes their shapes; those have no counterpart.
+        if not tensor.is_float or name not in rebuilt or rebuilt[name].array.shape != tensor.array.shape:
             continue
         a = tensor.array.astype(np.float64)
         b = rebuilt[name].array.astype(np.float64)
@@ -196,8 +197,12 @@ def bench(
     warmup: int = 5,
     batch_size: int = 1,
     threads: int = 1,
+    pruning=None,
 ) -> BenchReport:
-    """Encode (unless `nnc_path` is given), decode, and compare the rebuilt model with the original."""
+    """Encode (unless `nnc_path` is given), decode, and compare the rebuilt model with the original.
+
+    `pruning` (a PruneConfig) prunes before quantization when this function encodes.
+    """
     from .. import api
 
     model_path = Path(model_path)
@@ -208,9 +213,14 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="nnc-bench-") as tmp:
         tmp_dir = Path(tmp)
         encode_seconds = None
+        notes: list[str] = []
         if nnc_path is None:
             nnc_path = tmp_dir / "model.nnc"
-            encode_seconds = api.encode(model_path, nnc_path, options).seconds
+            encoded = api.encode(model_path, nnc_path, options, pruning)
+            encode_seconds = encoded.seconds
+            if encoded.pruning is not None:
+                kept = encoded.pruning.parameters_after / max(encoded.pruning.parameters_before, 1)
+                notes.append(f"pruned ({encoded.pruning.method}): {100 * kept:.1f} % of parameters kept")
         rebuilt_path = tmp_dir / f"rebuilt{FORMATS[fmt].suffixes[0]}"
         decoded = api.decode(nnc_path, rebuilt_path)
         if decoded.format != fmt:
@@ -225,6 +235,7 @@ def bench(
             encode_seconds=encode_seconds,
             decode_seconds=decoded.seconds,
             weight_snr_db=weight_snr_db(model_path, rebuilt_path),
+            notes=notes,
         )
         if fmt not in RUNNABLE_FORMATS:
             report.notes.append(f"a {FORMATS[fmt].description} holds no graph: latency and accuracy need ONNX, TorchScript or .pt2")

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import FormatError
 from ..fileio import atomic_output
-from ..model import Model, Tensor, TensorRole, dtype_name, numpy_dtype
+from ..model import Model, Tensor, default_role, dtype_name, numpy_dtype
 
 FORMAT_NAME = "safetensors"
 
@@ -44,18 +44,6 @@ _ST_TO_NAME: dict[str, str] = {
     "U8": "uint8",
     "BOOL": "bool",
 }
-
-
-def default_role(dtype: str, ndim: int) -> TensorRole:
-    """Role of a tensor from dtype and rank alone (shared by the torch formats).
-
-    Multi-dimensional floats are the bulk of learned weights; 1-D/0-D floats are biases,
-    norm scales and running statistics that need a finer step; anything integer or bool
-    (counters, indices, masks) must survive exactly.
-    """
-    if dtype in ("float32", "float16", "bfloat16", "float64"):
-        return TensorRole.WEIGHT if ndim >= 2 else TensorRole.NONWEIGHT
-    return TensorRole.EXACT
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -38,8 +38,7 @@ import torch
 
 from ..errors import FormatError
 from ..fileio import atomic_output
-from ..model import Model, Tensor, TensorRole, dtype_name, numpy_dtype
-from .safetensors_format import default_role
+from ..model import default_role, dtype_name, Model, numpy_dtype, Tensor, TensorRole
 
 KINDS = ("torch-state-dict", "torchscript", "torch-export")
 
