@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import asdict
 
@@ -122,6 +123,13 @@ def _settings(qp: int, nonweight_qp: int, bits: int | None, per_channel: bool, l
 @click.version_option(__version__, prog_name="nnc")
 def main() -> None:
     """Compress neural networks (ONNX, PyTorch, safetensors) into compact NNC-style bitstreams."""
+    # SIGTERM (a CI job cancelled, a container stopped) unwinds like Ctrl-C, so temporary
+    # outputs are removed instead of left behind half written.
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 @main.command()

@@ -1,0 +1,1 @@
+"""Graph-level knowledge about a model's tensors (weight layouts, channel structure)."""
