@@ -21,7 +21,6 @@ Run with ``pytest -s`` to see the printed accuracy and latency numbers.
 from __future__ import annotations
 
 import re
-import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -376,41 +375,3 @@ def test_shapes_unknown_statically_are_checked_at_run_time() -> None:
     proto = onnx_format.to_proto(pruned)
     onnx.checker.check_model(proto, full_check=True)
     assert _session(proto).run(None, {"x": _calib(4, 1)})[0].shape == (1, 5)
-
-
-# --------------------------------------------------------------------------------------------
-# Printed (not asserted) quality and speed
-
-
-def _latency_ms(proto: onnx.ModelProto, x: np.ndarray, runs: int = 200) -> float:
-    session = _session(proto, threads=1)
-    for _ in range(10):
-        session.run(None, {"input": x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {"input": x})
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
-
-
-@pytest.mark.parametrize("name,settings", [("resnet", ((1, 0.34), (2, 0.5))), ("mobilenet", ((1, 0.34), (2, 0.99)))])
-def test_print_accuracy_and_latency(name: str, settings) -> None:
-    with np.load(SAMPLES / "digits_test.npz") as data:
-        x, y = data["x"], data["y"]
-    original = onnx_format.to_proto(_sample(name))
-    batch = x[:32]
-
-    def accuracy(proto: onnx.ModelProto) -> float:
-        return float(np.mean(_session(proto).run(None, {"input": x})[0].argmax(axis=1) == y))
-
-    rows = [("original", accuracy(original), _latency_ms(original, batch), len(original.graph.node), _params(_sample(name)))]
-    for count, sparsity in settings:
-        pruned, report = _pruned(name, sparsity)
-        proto = onnx_format.to_proto(pruned)
-        label = f"-{count} ({', '.join(_removed(report))})"
-        rows.append((label, accuracy(proto), _latency_ms(proto, batch), len(proto.graph.node), report.parameters_after))
-    print()
-    for label, acc, ms, nodes, params in rows:
-        print(f"{name:9s} {label:40s} test acc {acc:.4f}  latency {ms:.3f} ms (batch 32, 1 thread)  {nodes} nodes  {params} params")
-    assert all(np.isfinite(r[1]) for r in rows)

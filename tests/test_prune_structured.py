@@ -671,10 +671,7 @@ def test_constant_node_weights(tmp_path):
     assert out.shape == (1, 10)
 
 
-def test_data_driven_importance_if_available(samples_dir):
-    importance = pytest.importorskip("nnc_tool.prune.importance")
-    if not hasattr(importance, "activation_importance"):
-        pytest.skip("activation_importance not written yet")
+def test_data_driven_importance(samples_dir):
     with np.load(samples_dir / "digits_calib.npz") as data:
         calibration = data["x"][:64]
     model = onnx_format.read(samples_dir / "resnet.onnx")
@@ -685,7 +682,6 @@ def test_data_driven_importance_if_available(samples_dir):
 
 
 def test_data_driven_importance_falls_back_without_mask_site():
-    pytest.importorskip("nnc_tool.prune.importance")
     calibration = np.random.default_rng(0).random((32, 3, 8, 8), dtype=np.float32)
     model = onnx_format.from_proto(concat_model(), {})
     pruned, report = prune_structured_onnx(

@@ -159,13 +159,18 @@ def compare_outputs(original: np.ndarray, rebuilt: np.ndarray, labels: np.ndarra
 
 
 def weight_snr_db(original_path: Path, rebuilt_path: Path) -> float | None:
-    """SNR of all float tensors of the rebuilt model against the original, in dB."""
+    """SNR of all float tensors of the rebuilt model against the original, in dB.
+
+    None when the structure changed (structured or depth pruning): tensors then have no
+    one-to-one counterpart and output fidelity is the meaningful measure.
+    """
     original = read_model(original_path).tensor_map()
     rebuilt = read_model(rebuilt_path).tensor_map()
+    if any(name not in rebuilt or rebuilt[name].array.shape != t.array.shape for name, t in original.items()):
+        return None
     signal = noise = 0.0
     for name, tensor in original.items():
-        # Structured pruning removes tensors or changes their shapes; those have no counterpart.
-        if not tensor.is_float or name not in rebuilt or rebuilt[name].array.shape != tensor.array.shape:
+        if not tensor.is_float:
             continue
         a = tensor.array.astype(np.float64)
         b = rebuilt[name].array.astype(np.float64)

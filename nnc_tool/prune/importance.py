@@ -577,7 +577,7 @@ def _site_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def _shapley_site(coal: _Coalitions, size: int, permutations: int, rng: np.random.Generator,
-                  truncation: float, antithetic: bool) -> np.ndarray:
+                  truncation: float, antithetic: bool, min_coalition: int = 0) -> np.ndarray:
     """Permutation-sampling estimate of the Shapley values of one site's channels.
 
     A permutation is walked as a removal order, from the full set down: D[p, k] is the distortion
@@ -594,13 +594,14 @@ def _shapley_site(coal: _Coalitions, size: int, permutations: int, rng: np.rando
     rank = np.argsort(perms, axis=1)  # rank[p, c] = position of channel c in permutation p
     D = np.full((P, size + 1), np.nan)
     D[:, 0], D[:, size] = d_empty, 0.0
+    stop = max(1, min(min_coalition, size - 1))  # smallest kept coalition evaluated
     nxt = np.full(P, size - 1, np.int64)  # next prefix length to evaluate, going down
-    done = nxt < 1
+    done = nxt < stop
     eps = truncation * d_empty
     while not done.all():
         act = np.flatnonzero(~done)
         step = max(1, coal.group // len(act))
-        ks = [np.arange(nxt[p], max(nxt[p] - step, 0), -1) for p in act]
+        ks = [np.arange(nxt[p], max(nxt[p] - step, stop - 1), -1) for p in act]
         rp = np.concatenate([np.full(len(k), p) for p, k in zip(act, ks)])
         rk = np.concatenate(ks)
         D[rp, rk] = coal((rank[rp] < rk[:, None]).astype(np.float32))
@@ -611,16 +612,26 @@ def _shapley_site(coal: _Coalitions, size: int, permutations: int, rng: np.rando
                 if hit.size:  # as bad as removing everything: the rest add ~0
                     D[p, : k[hit[0]]] = D[p, k[hit[0]]]
                     nxt[p] = 0
-            done[p] = nxt[p] < 1
+            done[p] = nxt[p] < stop
     marginal = D[:, :-1] - D[:, 1:]  # v(S + c) - v(S) for the channel at each position
-    phi = np.zeros(size)
-    np.add.at(phi, perms, marginal)
-    return phi / P
+    if min_coalition <= 1:
+        phi = np.zeros(size)
+        np.add.at(phi, perms, marginal)
+        return phi / P
+    # Restricted to kept coalitions of at least `min_coalition` channels: average each channel's
+    # marginal over the permutations that reached it; one never reached counts as most important.
+    reached = np.arange(size)[None, :] >= stop
+    total, count = np.zeros(size), np.zeros(size)
+    np.add.at(total, perms[:, stop:], marginal[:, stop:])
+    np.add.at(count, perms, reached.repeat(P, axis=0))
+    phi = np.where(count > 0, total / np.maximum(count, 1), np.inf)
+    return np.where(np.isfinite(phi), phi, np.max(phi[np.isfinite(phi)], initial=d_empty))
 
 
 def shapley_importance(proto: onnx.ModelProto, sites: list[MaskSite], calibration: np.ndarray,
                        permutations: int, seed: int, *, truncation: float = 1e-3, antithetic: bool = True,
-                       metric: str = "mse", threads: int = 1, stats: dict | None = None) -> dict[str, np.ndarray]:
+                       metric: str = "mse", threads: int = 1, stats: dict | None = None,
+                       min_kept_fraction: float = 0.0) -> dict[str, np.ndarray]:
     """Per site: each channel's Shapley value in the game v(S) = -D(S) of keeping only the
     channels S of that site (other sites unmasked), D = distortion of the first output vs the
     unpruned model (`metric`, see the module doc). Estimated from `permutations` permutations
@@ -629,6 +640,11 @@ def shapley_importance(proto: onnx.ModelProto, sites: list[MaskSite], calibratio
     remaining coalition's distortion is within `truncation` * D(empty) of the empty set's (the
     channels still kept then get marginal 0). Values sum to D(empty) = v(all) - v(empty) (within
     `truncation` * D(empty)). Higher = more important.
+
+    With `min_kept_fraction` f > 0 the value is restricted to kept coalitions of at least
+    f * C channels (each permutation's removal walk stops there): pruning only ever decides
+    among coalitions near the size it keeps, and marginals measured in nearly empty layers
+    (which dominate the plain Shapley average) rank channels badly for that decision.
 
     `stats`, if given, receives the number of coalitions evaluated and onnxruntime calls."""
     _check(sites, calibration, metric)
@@ -639,7 +655,9 @@ def shapley_importance(proto: onnx.ModelProto, sites: list[MaskSite], calibratio
     result, evaluated = {}, 0
     for site in sites:
         coal = _Coalitions(runner, site, calibration, ref, metric)
-        result[site.name] = _shapley_site(coal, site.size, permutations, _site_rng(seed, site.name), truncation, antithetic)
+        min_coalition = int(np.floor(min_kept_fraction * site.size))
+        result[site.name] = _shapley_site(coal, site.size, permutations, _site_rng(seed, site.name), truncation,
+                                          antithetic, min_coalition)
         evaluated += coal.evaluated
     if stats is not None:
         stats.update(coalitions=evaluated, calls=runner.calls)
