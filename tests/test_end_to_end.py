@@ -261,3 +261,47 @@ def test_bitstreams_are_identical_across_processes(tmp_path: Path) -> None:
                        check=True, capture_output=True, env={**__import__("os").environ, "PYTHONHASHSEED": str(run)})
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+def test_cli_structured_pruning_shrinks_the_model(tmp_path: Path, digits_test) -> None:
+    x, y = digits_test
+    result = run_cli("encode", SAMPLES / "resnet.onnx", "-o", tmp_path / "p.nnc", "--prune", "structured",
+                     "--sparsity", "0.5", "--calib", SAMPLES / "digits_calib.npz")
+    assert result.exit_code == 0, result.output
+    assert "pruned (structured)" in result.output
+    assert run_cli("decode", tmp_path / "p.nnc", "-o", tmp_path / "p.onnx").exit_code == 0
+    pruned = nnc_tool.read_model(tmp_path / "p.onnx")
+    original = nnc_tool.read_model(SAMPLES / "resnet.onnx")
+    assert pruned.parameter_count < 0.35 * original.parameter_count
+    assert accuracy(tmp_path / "p.onnx", "onnx", x, y) >= accuracy(SAMPLES / "resnet.onnx", "onnx", x, y) - 2.0
+    assert (tmp_path / "p.nnc").stat().st_size < 0.5 * nnc_tool.encode(SAMPLES / "resnet.onnx", None).bitstream_bytes
+
+
+def test_cli_nm_pruning_on_a_pytorch_program(tmp_path: Path) -> None:
+    result = run_cli("encode", SAMPLES / "lenet.pt2", "-o", tmp_path / "l.nnc", "--prune", "nm", "--nm", "2:4")
+    assert result.exit_code == 0, result.output
+    assert run_cli("decode", tmp_path / "l.nnc", "-o", tmp_path / "l.pt2").exit_code == 0
+    weight = nnc_tool.read_model(tmp_path / "l.pt2").tensor_map()["fc1.weight"].array
+    groups = weight.reshape(weight.shape[0], -1, 4)
+    assert ((groups != 0).sum(axis=2) <= 2).all()
+
+
+@pytest.mark.parametrize(
+    "arguments,fragment",
+    [
+        (["--prune", "structured", "--importance", "shapley"], "needs calibration data"),
+        (["--prune", "depth"], "needs calibration data"),
+        (["--prune", "nm", "--nm", "4:2"], "N:M"),
+        (["--prune", "nm", "--nm", "two:four"], "K:N"),
+    ],
+)
+def test_cli_rejects_bad_pruning_options(tmp_path: Path, arguments: list[str], fragment: str) -> None:
+    result = run_cli("encode", SAMPLES / "lenet.onnx", "-o", tmp_path / "o.nnc", *arguments)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "o.nnc").exists()
+
+
+def test_depth_pruning_needs_an_onnx_graph(tmp_path: Path) -> None:
+    result = run_cli("encode", SAMPLES / "resnet_state_dict.pt", "-o", tmp_path / "o.nnc", "--prune", "depth",
+                     "--calib", SAMPLES / "digits_calib.npz")
+    assert_one_line_error(result, "ONNX")
