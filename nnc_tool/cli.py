@@ -92,6 +92,8 @@ def pruning_options(command):
         click.option("--shapley-permutations", type=click.IntRange(1, 10000), default=16, show_default=True,
                      help="Budget of the Shapley estimator: permutations per layer."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of random ranking and sampling."),
+        click.option("--channel-multiple", type=click.IntRange(1, 1024), default=8, show_default=True,
+                     help="Structured: keep a multiple of this many channels per layer (fast kernels); 1 = exact."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -99,7 +101,8 @@ def pruning_options(command):
 
 
 def _pruning(prune_method: str | None, sparsity: float, scope: str, nm: str, nm_granularity: str, importance: str,
-             allocation: str, calib: str | None, no_refit: bool, shapley_permutations: int, seed: int) -> PruneConfig | None:
+             allocation: str, calib: str | None, no_refit: bool, shapley_permutations: int, seed: int,
+             channel_multiple: int) -> PruneConfig | None:
     if prune_method is None:
         return None
     try:
@@ -110,7 +113,7 @@ def _pruning(prune_method: str | None, sparsity: float, scope: str, nm: str, nm_
     try:
         return PruneConfig(method=prune_method, sparsity=sparsity, scope=scope, nm=(k, n), nm_granularity=nm_granularity,
                            importance=importance, allocation=allocation, calibration=calibration, refit=not no_refit,
-                           shapley_permutations=shapley_permutations, seed=seed)
+                           shapley_permutations=shapley_permutations, seed=seed, channel_multiple=channel_multiple)
     except ValueError as err:
         raise UsageError(None, str(err)) from None
 

@@ -41,6 +41,8 @@ def _accuracy(proto: onnx.ModelProto, data: tuple[np.ndarray, np.ndarray]) -> fl
 
 
 def _structured(sparsity: float = 0.5, **kwargs) -> PruneConfig:
+    """Exact channel counts (channel_multiple=1) unless a test asks for rounding."""
+    kwargs.setdefault("channel_multiple", 1)
     return PruneConfig(method="structured", sparsity=sparsity, **kwargs)
 
 
@@ -689,3 +691,19 @@ def test_data_driven_importance_falls_back_without_mask_site():
     )
     assert any("activation importance unavailable for 2 group(s)" in n for n in report.notes)
     _check_valid(onnx_format.to_proto(pruned), (3, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet"])
+def test_default_settings_keep_channel_multiples_and_halve_the_weights(samples_dir, name):
+    model = onnx_format.read(samples_dir / f"{name}.onnx")
+    pruned, report = prune_structured_onnx(model, PruneConfig(method="structured", sparsity=0.5))
+    proto = onnx_format.to_proto(pruned)
+    _check_valid(proto)
+    before, after = weight_parameter_count(onnx_format.to_proto(model)), weight_parameter_count(proto)
+    assert after <= 0.55 * before
+    weights = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Conv" and node.input[1] in weights:
+            out_channels = weights[node.input[1]].dims[0]
+            original = next(t for t in model.tensors if t.name == node.input[1]).array.shape[0]
+            assert out_channels % 8 == 0 or original < 8 or out_channels == original, (node.input[1], out_channels)

@@ -30,6 +30,10 @@ class PruneConfig:
     refit: with calibration data, refit the layer after each pruned one by least squares.
     shapley_permutations: budget of the Shapley estimator (permutations per layer).
     seed: seed of every random choice (random importance, Shapley permutations).
+    channel_multiple: structured pruning keeps a multiple of this many channels in every layer
+        that has at least that many (1 = exact counts). Runtimes' convolution kernels work on
+        blocks of channels: on the samples, onnxruntime ran a 30 %-pruned resnet 1.8x SLOWER than
+        the original with 11/22/34 channels, and 2x faster with 8/24/32.
     """
 
     method: str = "unstructured"
@@ -43,6 +47,7 @@ class PruneConfig:
     refit: bool = True
     shapley_permutations: int = 16
     seed: int = 0
+    channel_multiple: int = 8
 
     def __post_init__(self) -> None:
         checks = [
@@ -54,6 +59,7 @@ class PruneConfig:
             (self.importance in IMPORTANCES, f"importance must be one of {', '.join(IMPORTANCES)}"),
             (self.allocation in ALLOCATIONS, f"allocation must be one of {', '.join(ALLOCATIONS)}"),
             (self.shapley_permutations >= 1, "shapley permutations must be at least 1"),
+            (1 <= self.channel_multiple <= 1024, "channel multiple must lie in [1, 1024]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -166,7 +166,32 @@ def allocate(
     config: PruneConfig,
     notes: list[str] | None = None,
 ) -> dict[str, int]:
-    """Channels to remove per group (never all of a group)."""
+    """Channels to remove per group (never all of a group), keeping multiples of config.channel_multiple."""
+    counts = _allocate_exact(proto, groups, scores, config, notes)
+    return round_to_channel_multiple(counts, groups, config.channel_multiple)
+
+
+def round_to_channel_multiple(counts: dict[str, int], groups: list[ChannelGroup], multiple: int) -> dict[str, int]:
+    """Adjust removals so each group with at least `multiple` channels keeps a multiple of it (nearest, >= one block)."""
+    if multiple <= 1:
+        return counts
+    adjusted = dict(counts)
+    for group in groups:
+        if group.size < multiple or group.name not in counts:
+            continue
+        keep = group.size - counts[group.name]
+        keep = min(group.size, max(multiple, int(np.floor(keep / multiple + 0.5)) * multiple))
+        adjusted[group.name] = group.size - keep
+    return adjusted
+
+
+def _allocate_exact(
+    proto: onnx.ModelProto,
+    groups: list[ChannelGroup],
+    scores: dict[str, np.ndarray],
+    config: PruneConfig,
+    notes: list[str] | None = None,
+) -> dict[str, int]:
     notes = notes if notes is not None else []
     sparsity = config.sparsity
     counts: dict[str, int] = {}
