@@ -21,6 +21,7 @@ from .fileio import same_file, write_bytes_atomic
 from .formats import FORMATS, check_output_suffix, model_files, read_model, write_model
 from .model import Model, TensorRole
 from .prune import PruneConfig, PruneReport, prune
+from .quantize.fold import fold_batchnorm as fold_batchnorms
 from .quantize.uniform import QuantSettings
 
 EncodeOptions = QuantSettings
@@ -52,6 +53,7 @@ class EncodeReport:
     seconds: float
     tensors: list[TensorReport] = field(default_factory=list)
     pruning: PruneReport | None = None
+    folded_batchnorms: int = 0
 
     @property
     def ratio(self) -> float:
@@ -143,11 +145,14 @@ def encode(
     output_path: str | os.PathLike | None,
     options: EncodeOptions | None = None,
     pruning: PruneConfig | None = None,
+    fold_batchnorm: bool = True,
 ) -> EncodeReport:
     """Compress a model file into an nnc bitstream written atomically to `output_path`.
 
-    `pruning` runs the pruning stage before quantization. With `output_path=None` nothing
-    is written (useful for measuring sizes).
+    `pruning` runs the pruning stage before quantization. `fold_batchnorm` folds ONNX
+    BatchNormalization nodes into the preceding layer first (the decoded model computes the same
+    function with fewer tensors; never with `lossless`). With `output_path=None` nothing is
+    written (useful for measuring sizes).
     """
     started = time.perf_counter()
     model_path = Path(model_path)
@@ -156,8 +161,11 @@ def encode(
     model = read_model(model_path)
     original_bytes = model_file_bytes(model_path, model)
     prune_report = None
-    if pruning is not None and pruning.sparsity > 0:
+    if pruning is not None and (pruning.sparsity > 0 or pruning.method == "nm"):
         model, prune_report = prune(model, pruning)
+    folded = 0
+    if fold_batchnorm and not (options or EncodeOptions()).lossless:
+        model, folded = fold_batchnorms(model)
     data, tensor_reports = compress_model(model, options, original_bytes)
     if output_path is not None:
         write_bytes_atomic(output_path, data)
@@ -173,6 +181,7 @@ def encode(
         seconds=time.perf_counter() - started,
         tensors=tensor_reports,
         pruning=prune_report,
+        folded_batchnorms=folded,
     )
 
 

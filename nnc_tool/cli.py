@@ -140,19 +140,22 @@ def _terminate(signum: int, frame) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Bitstream to write (.nnc).")
 @quantization_options
 @pruning_options
+@click.option("--no-fold-bn", is_flag=True, help="Keep ONNX BatchNormalization nodes instead of folding them into the layer before.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor.")
 @handle_errors
 def encode(model: str, output: str, qp: int, nonweight_qp: int, bits: int | None, per_channel: bool,
-           lossless: bool, as_json: bool, verbose: bool, **prune_options) -> None:
+           lossless: bool, no_fold_bn: bool, as_json: bool, verbose: bool, **prune_options) -> None:
     """Compress MODEL into an nnc bitstream."""
     report = api.encode(model, output, _settings(qp, nonweight_qp, bits, per_channel, lossless),
-                        _pruning(**prune_options))
+                        _pruning(**prune_options), fold_batchnorm=not no_fold_bn)
     if as_json:
         _print_json(report.to_dict())
         return
     if report.pruning is not None:
         _echo_pruning(report.pruning, verbose)
+    if report.folded_batchnorms:
+        click.echo(f"folded {report.folded_batchnorms} BatchNormalization node(s) into the layers before them")
     if verbose:
         for t in report.tensors:
             step = f"step {t.step:.3g}" if t.step is not None else "lossless"
@@ -229,6 +232,7 @@ def info(bitstream: str, as_json: bool) -> None:
               help=".npz with inputs 'x' and optional integer labels 'y'.")
 @quantization_options
 @pruning_options
+@click.option("--no-fold-bn", is_flag=True, help="Keep ONNX BatchNormalization nodes.")
 @click.option("--runs", type=click.IntRange(1, 100000), default=50, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(0, 10000), default=5, show_default=True, help="Untimed runs first.")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=1, show_default=True, help="Batch for latency.")
@@ -236,12 +240,12 @@ def info(bitstream: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight_qp: int, bits: int | None,
-          per_channel: bool, lossless: bool, runs: int, warmup: int, batch_size: int, threads: int,
-          as_json: bool, **prune_options) -> None:
+          per_channel: bool, lossless: bool, no_fold_bn: bool, runs: int, warmup: int, batch_size: int,
+          threads: int, as_json: bool, **prune_options) -> None:
     """Measure size, latency and accuracy (or fidelity) of MODEL against its nnc-coded rebuild."""
     report = run_bench(model, nnc_path, data, _settings(qp, nonweight_qp, bits, per_channel, lossless),
                        runs=runs, warmup=warmup, batch_size=batch_size, threads=threads,
-                       pruning=_pruning(**prune_options))
+                       pruning=_pruning(**prune_options), fold_batchnorm=not no_fold_bn)
     if as_json:
         _print_json(report.to_dict())
         return
