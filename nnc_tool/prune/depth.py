@@ -65,6 +65,7 @@ from ..errors import UsageError
 from ..formats import onnx_format
 from ..model import Model, TensorRole
 from .config import LayerChange, PruneConfig, PruneReport
+from ..graph.onnx_util import subgraphs
 
 # Rectifier-like ops: their activation state is "pre-activation above the kink" (the kink is 0
 # except for ThresholdedRelu's alpha and Clip's lower bound).
@@ -86,14 +87,6 @@ def _key(node: onnx.NodeProto) -> str:
     return next((o for o in node.output if o), "")
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _free_names(graph: onnx.GraphProto) -> set[str]:
     """Names a subgraph reads from enclosing scopes."""
     defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
@@ -101,7 +94,7 @@ def _free_names(graph: onnx.GraphProto) -> set[str]:
     used: set[str] = {o.name for o in graph.output}
     for node in graph.node:
         used.update(i for i in node.input if i)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             used |= _free_names(sub)
     return used - defined
 
@@ -109,14 +102,14 @@ def _free_names(graph: onnx.GraphProto) -> set[str]:
 def _reads(node: onnx.NodeProto) -> list[str]:
     """Every value a node reads: its inputs plus outer-scope values used by its subgraphs."""
     names = [i for i in node.input if i]
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
         names.extend(sorted(_free_names(sub)))
     return names
 
 
 def _captures(node: onnx.NodeProto) -> set[str]:
     found: set[str] = set()
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
         found |= _free_names(sub)
     return found
 

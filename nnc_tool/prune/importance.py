@@ -39,6 +39,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from ..graph.onnx_util import subgraphs
+
 __all__ = [
     "MaskSite",
     "MaskedRunner",
@@ -66,21 +68,13 @@ class MaskSite:
 # The masked model
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Replace `old` by `new` wherever a node of `graph` (or of its subgraphs) reads it."""
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _rename_uses(sub, old, new)
 
 
@@ -369,7 +363,7 @@ class MaskedRunner:
         if self.fixed_batch is not None:
             return None
         graph = self.proto.graph
-        if any(True for n in graph.node for _ in _subgraphs(n)) or self.proto.functions:
+        if any(True for n in graph.node for _ in subgraphs(n)) or self.proto.functions:
             return None
         mask = self.mask_inputs[site_name]
         mask_names = set(self.mask_inputs.values())

@@ -36,6 +36,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper, numpy_helper
 
 from ..graph.onnx_channels import node_labels
+from ..graph.onnx_util import cpu_session
 
 __all__ = ["refit_pruned", "im2col", "Runner"]
 
@@ -70,12 +71,7 @@ class Runner:
             if name not in outputs:
                 graph.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
                 outputs.add(name)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        session = ort.InferenceSession(work.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = cpu_session(work, 1, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         feed = session.get_inputs()[0]
         fixed = feed.shape[0] if feed.shape and isinstance(feed.shape[0], int) and feed.shape[0] > 0 else None
         batch = fixed or self.batch

@@ -1,0 +1,28 @@
+"""Small ONNX helpers shared by the graph-rewriting stages (pruning, folding, refitting)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graph-valued attributes of a node (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def cpu_session(proto: onnx.ModelProto, threads: int = 1, optimization_level=None):
+    """An onnxruntime CPU session over an in-memory model, quiet and with a fixed thread count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if optimization_level is not None:
+        options.graph_optimization_level = optimization_level
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
