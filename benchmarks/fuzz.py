@@ -34,6 +34,8 @@ SUFFIX = {"onnx": ".onnx", "torch-state-dict": ".pt", "torchscript": ".pt", "tor
 def mutate_bytes(rng: random.Random, data: bytes) -> bytes:
     data = bytearray(data)
     for _ in range(rng.randint(1, 8)):
+        if not data:
+            break
         position = rng.randrange(len(data))
         action = rng.random()
         if action < 0.4:

@@ -67,11 +67,7 @@ import numpy as np
 
 import nnc_tool
 from nnc_tool.bench.runner import compare_outputs, load_eval_data, make_runner, predict
-from nnc_tool.bitstream import container
-from nnc_tool.bitstream.container import UnitType
-from nnc_tool.bitstream.primitives import ByteReader
-from nnc_tool.coding.integers import Method
-from nnc_tool.coding.tensors import Coding, read_header
+from nnc_tool.coding.report import stream_entropy_report
 from nnc_tool.model import TensorRole
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -457,52 +453,31 @@ def run_nncodec(name: str, model: nnc_tool.Model, evaluate: Evaluator, qps: list
 
 def our_breakdown(data: bytes) -> dict:
     """Split one of our bitstreams into container/topology, tensor headers, side info and payload."""
+    report = stream_entropy_report(data)
     out = {
-        "container_and_topology": container.HEADER_SIZE,
+        "container_and_topology": report["container_bytes"],
         "unit_framing": 0,
         "tensor_headers": 0,
         "histogram_side_info": 0,
         "payload_weight": 0,
         "payload_nonweight": 0,
         "exact_tensors": 0,
+        "ideal_payload": report["ideal_payload_bytes"],
+        "overhead_percent": report["overhead_percent"],
         "per_tensor": [],
     }
-    framing = 0
-    for unit in container.iter_units(data):
-        if unit.type != UnitType.DATA:
-            out["container_and_topology"] += unit.size
+    for row in report["tensors"]:
+        if row["role"] == "exact" or row["coding"] != "quantized":
+            out["exact_tensors" if row["role"] == "exact" else "payload_nonweight"] += row["unit_bytes"]
             continue
-        framing = unit.size - len(unit.payload)
-        payload = unit.payload
-        reader = ByteReader(payload, "data unit")
-        header = read_header(reader)
-        if header.role == TensorRole.EXACT or header.coding != Coding.QUANTIZED:
-            out["exact_tensors" if header.role == TensorRole.EXACT else "payload_nonweight"] += unit.size
-            continue
-        head = len(payload) - reader.remaining
-        stream_start = head
-        method = reader.u8()
-        if method == Method.HISTOGRAM:
-            reader.svarint()
-            for _ in range(reader.varint()):
-                reader.varint()
-        elif method == Method.MAGNITUDE:
-            reader.u8()
-            for _ in range(reader.varint()):
-                reader.varint()
-        else:
-            reader.svarint()
-            reader.u8()
-        side = len(payload) - reader.remaining - stream_start
-        body = reader.remaining
-        out["unit_framing"] += framing
-        out["tensor_headers"] += head
-        out["histogram_side_info"] += side
-        key = "payload_weight" if header.role == TensorRole.WEIGHT else "payload_nonweight"
-        out[key] += body
+        out["unit_framing"] += row["framing_bytes"]
+        out["tensor_headers"] += row["name_bytes"] + row["header_bytes"]
+        out["histogram_side_info"] += row["model_bytes"]
+        out["payload_weight" if row["role"] == "weight" else "payload_nonweight"] += row["payload_bytes"]
         out["per_tensor"].append(
-            {"name": header.name, "role": header.role.name.lower(), "size": header.size, "bytes": unit.size,
-             "method": Method(method).name.lower(), "side_info": side, "header": head + framing}
+            {"name": row["name"], "role": row["role"], "size": row["values"], "bytes": row["unit_bytes"],
+             "method": "+".join(sorted(row["methods"])), "side_info": row["model_bytes"],
+             "header": row["framing_bytes"] + row["name_bytes"] + row["header_bytes"]}
         )
     return out
 
@@ -579,6 +554,7 @@ def print_table(results: list[ModelResult]) -> None:
             f"  {r.model}: nnc qp {b['ours_qp']} ({b['ours_snr_db']:.1f} dB): container+topology {o['container_and_topology']}, "
             f"unit framing {o['unit_framing']}, tensor headers {o['tensor_headers']}, histograms {o['histogram_side_info']}, "
             f"weight payload {o['payload_weight']}, non-weight payload {o['payload_nonweight']}, exact {o['exact_tensors']}"
+            f" (bitstream within {o['overhead_percent']:.2f} % of its models' entropy + side information)"
         )
         print(line)
         if "nncodec" in b:

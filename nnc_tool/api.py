@@ -15,6 +15,7 @@ from . import __version__
 from .bitstream import container
 from .bitstream.container import UnitType
 from .bitstream.primitives import ByteReader
+from .coding.report import stream_entropy_report
 from .coding.tensors import Coding, TensorHeader, decode_tensor, encode_tensor, read_header
 from .errors import BitstreamError, NncError, UsageError
 from .fileio import same_file, write_bytes_atomic
@@ -90,6 +91,7 @@ class StreamInfo:
     version: tuple[int, int]
     parameters: dict
     units: list[UnitInfo]
+    entropy: dict | None = None  # with info(..., entropy=True): see coding.report.stream_entropy_report
 
     @property
     def size(self) -> int:
@@ -210,8 +212,9 @@ def decode(bitstream_path: str | os.PathLike, output_path: str | os.PathLike) ->
     )
 
 
-def info(bitstream_path: str | os.PathLike) -> StreamInfo:
-    """Describe a bitstream's units and tensors without decoding any payload."""
+def info(bitstream_path: str | os.PathLike, entropy: bool = False) -> StreamInfo:
+    """Describe a bitstream's units and tensors; with `entropy`, also decode every payload and
+    compare its size with the entropy of the models it was coded with plus side information."""
     bitstream_path = Path(bitstream_path)
     data = _read_bitstream_file(bitstream_path)
     try:
@@ -221,9 +224,11 @@ def info(bitstream_path: str | os.PathLike) -> StreamInfo:
         described += [
             UnitInfo("data", u.offset, u.size, _describe_data_unit(u.payload, u.size)) for u in units[2:]
         ]
+        entropy_report = stream_entropy_report(data) if entropy else None
     except BitstreamError as err:
         raise BitstreamError(bitstream_path, err.problem) from None
-    return StreamInfo(str(bitstream_path), tuple(data[len(container.MAGIC) : len(container.MAGIC) + 2]), parameters, described)
+    version = tuple(data[len(container.MAGIC) : len(container.MAGIC) + 2])
+    return StreamInfo(str(bitstream_path), version, parameters, described, entropy_report)
 
 
 def model_file_bytes(path: Path, model: Model) -> int:

@@ -14,6 +14,7 @@ import click
 from . import __version__, api
 from .bench import bench as run_bench
 from .bench.runner import load_eval_data
+from .coding.report import describe_entropy_report
 from .errors import NncError, UsageError
 from .prune import PruneConfig, PruneReport
 from .prune.config import ALLOCATIONS, IMPORTANCES, METHODS, NM_GRANULARITIES, SCOPES
@@ -198,11 +199,13 @@ def decode(bitstream: str, output: str) -> None:
 
 @main.command()
 @click.argument("bitstream", type=click.Path(dir_okay=False))
+@click.option("--entropy", is_flag=True,
+              help="Also decode every payload and compare the size with its models' entropy plus side information.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @handle_errors
-def info(bitstream: str, as_json: bool) -> None:
+def info(bitstream: str, entropy: bool, as_json: bool) -> None:
     """List the units, tensors, steps and sizes of BITSTREAM."""
-    stream = api.info(bitstream)
+    stream = api.info(bitstream, entropy=entropy)
     if as_json:
         _print_json(asdict(stream))
         return
@@ -222,6 +225,8 @@ def info(bitstream: str, as_json: bool) -> None:
             f"  @{unit.offset:<8} data {t.name:<40} {t.role:<9} {t.dtype:<8} {str(list(t.shape)):<18} "
             f"{unit.size:>10} B  {detail}"
         )
+    if stream.entropy is not None:
+        click.echo(describe_entropy_report(stream.entropy))
 
 
 @main.command()

@@ -305,3 +305,16 @@ def test_depth_pruning_needs_an_onnx_graph(tmp_path: Path) -> None:
     result = run_cli("encode", SAMPLES / "resnet_state_dict.pt", "-o", tmp_path / "o.nnc", "--prune", "depth",
                      "--calib", SAMPLES / "digits_calib.npz")
     assert_one_line_error(result, "ONNX")
+
+
+def test_info_entropy_report_adds_up(tmp_path: Path) -> None:
+    stream = tmp_path / "m.nnc"
+    nnc_tool.encode(SAMPLES / "mobilenet.onnx", stream)
+    result = run_cli("info", stream, "--entropy", "--json")
+    assert result.exit_code == 0, result.output
+    entropy = json.loads(result.output)["entropy"]
+    assert entropy["total_bytes"] == stream.stat().st_size
+    assert entropy["side_info_bytes"] + entropy["payload_bytes"] == entropy["total_bytes"]
+    assert 0 <= entropy["overhead_percent"] < 1.0
+    text = run_cli("info", stream, "--entropy").output
+    assert "within" in text and "side information" in text

@@ -5,8 +5,9 @@ Layout (all integers little-endian; see docs/FORMAT.md):
     stream header   magic b"\\x8bNNC\\r\\n\\x1a\\n", u8 major, u8 minor, u32 CRC32(magic..minor)
     unit            u8 type, u32 payload length, payload, u32 CRC32(type..payload)
 
-The first unit is the parameter set (JSON), the second the topology, then one data unit
-per tensor. Units are parsed lazily and each data unit stands on its own.
+The first unit is the parameter set (JSON, possibly deflated), the second the topology
+(deflated or LZMA2-compressed), then one data unit per tensor. Units are parsed lazily and each
+data unit stands on its own.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..errors import BitstreamError
 
 MAGIC = b"\x8bNNC\r\n\x1a\n"
-VERSION = (1, 0)
+VERSION = (2, 0)
 _UNIT_HEAD = struct.Struct("<BI")
 _CRC = struct.Struct("<I")
 # A parameter set or topology larger than this is not something we wrote.
@@ -34,10 +36,19 @@ class UnitType(enum.IntEnum):
     DATA = 3
 
 
-class TopologyCompression(enum.IntEnum):
+class Compression(enum.IntEnum):
+    """How a parameter set or topology payload is compressed (its first byte)."""
+
     NONE = 0
-    ZLIB = 1
-    LZMA = 2
+    DEFLATE = 1  # raw DEFLATE (RFC 1951), no zlib header or checksum: the unit has a CRC
+    LZMA2 = 2  # u8 dictionary-size exponent d (12..26), then a raw LZMA2 stream (dictionary 2^d)
+
+
+TopologyCompression = Compression  # the name before 2.0
+# LZMA2 literal/position settings the encoder tries (lc, lp, pb); each stream records its own.
+_LZMA2_SETTINGS = ((0, 0, 0), (1, 0, 0), (3, 0, 0), (3, 0, 2))
+# Dictionary sizes 2^12 .. 2^26 (64 MiB, what xz preset 9 uses): bounds a decoder's memory.
+_LZMA2_DICT_BITS = (12, 26)
 
 
 @dataclass
@@ -66,24 +77,37 @@ def frame_unit(unit_type: UnitType, payload: bytes) -> bytes:
 
 
 def parameter_set_payload(parameters: dict) -> bytes:
-    """Deterministic JSON: sorted keys, no whitespace."""
-    return json.dumps(parameters, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    """Deterministic JSON (sorted keys, no whitespace), deflated when that is shorter."""
+    text = json.dumps(parameters, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    deflated = _deflate(text)
+    if len(deflated) < len(text):
+        return bytes([Compression.DEFLATE]) + deflated
+    return bytes([Compression.NONE]) + text
 
 
 def topology_payload(topology: bytes) -> bytes:
-    """Compress the weight-free model description with whichever of zlib/LZMA is smaller."""
-    options = [
-        (TopologyCompression.NONE, topology),
-        (TopologyCompression.ZLIB, zlib.compress(topology, 9)),
-        (TopologyCompression.LZMA, lzma.compress(topology, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)),
-    ]
-    method, body = min(options, key=lambda item: len(item[1]))
-    return bytes([method]) + body
+    """Compress the weight-free model description with whichever of DEFLATE/LZMA2 is smallest."""
+    return _topology_payload(bytes(topology))
+
+
+@lru_cache(maxsize=8)
+def _topology_payload(topology: bytes) -> bytes:
+    options = [bytes([Compression.NONE]) + topology, bytes([Compression.DEFLATE]) + _deflate(topology)]
+    exponent = min(_LZMA2_DICT_BITS[1], max(_LZMA2_DICT_BITS[0], (len(topology) - 1).bit_length()))
+    for lc, lp, pb in _LZMA2_SETTINGS:
+        body = lzma.compress(
+            topology,
+            format=lzma.FORMAT_RAW,
+            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << exponent, "lc": lc, "lp": lp, "pb": pb}],
+        )
+        options.append(bytes([Compression.LZMA2, exponent]) + body)
+    return min(options, key=len)
 
 
 def parse_parameter_set(payload: memoryview) -> dict:
+    text = _decompress(payload, "parameter set", 1 << 24)
     try:
-        parameters = json.loads(bytes(payload).decode("utf-8"))
+        parameters = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BitstreamError(None, "parameter set is not valid JSON") from None
     if not isinstance(parameters, dict):
@@ -92,27 +116,48 @@ def parse_parameter_set(payload: memoryview) -> dict:
 
 
 def parse_topology(payload: memoryview, limit: int = MAX_SIDE_UNIT) -> bytes:
+    return _decompress(payload, "topology", limit)
+
+
+def _deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    return compressor.compress(data) + compressor.flush()
+
+
+def _decompress(payload: memoryview, what: str, limit: int) -> bytes:
+    """Undo `parameter_set_payload` / `topology_payload`; never expands beyond `limit` bytes."""
     if not payload:
-        raise BitstreamError(None, "topology unit is empty")
+        raise BitstreamError(None, f"{what} unit is empty")
     method, body = payload[0], bytes(payload[1:])
     try:
-        if method == TopologyCompression.NONE:
+        if method == Compression.NONE:
+            if len(body) > limit:
+                raise BitstreamError(None, f"{what} is larger than the size limit")
             return body
-        if method == TopologyCompression.ZLIB:
-            decompressor = zlib.decompressobj()
-            topology = decompressor.decompress(body, limit)
+        if method == Compression.DEFLATE:
+            decompressor = zlib.decompressobj(-15)
+            data = decompressor.decompress(body, limit)
             if decompressor.unconsumed_tail:
-                raise BitstreamError(None, "topology expands beyond the size limit")
-            return topology
-        if method == TopologyCompression.LZMA:
-            decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-            topology = decompressor.decompress(body, max_length=limit)
+                raise BitstreamError(None, f"{what} expands beyond the size limit")
+            if not decompressor.eof or decompressor.unused_data:
+                raise BitstreamError(None, f"{what} unit is truncated or has trailing data")
+            return data
+        if method == Compression.LZMA2:
+            if not body:
+                raise BitstreamError(None, f"{what} unit is truncated")
+            exponent, body = body[0], body[1:]
+            if not _LZMA2_DICT_BITS[0] <= exponent <= _LZMA2_DICT_BITS[1]:
+                raise BitstreamError(None, f"{what} unit declares an LZMA2 dictionary of 2^{exponent} bytes")
+            decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << exponent}])
+            data = decompressor.decompress(body, max_length=limit)
             if not decompressor.eof:
-                raise BitstreamError(None, "topology is truncated or expands beyond the size limit")
-            return topology
+                raise BitstreamError(None, f"{what} is truncated or expands beyond the size limit")
+            if decompressor.unused_data:
+                raise BitstreamError(None, f"{what} unit has trailing data")
+            return data
     except (zlib.error, lzma.LZMAError):
-        raise BitstreamError(None, "topology unit is corrupt") from None
-    raise BitstreamError(None, f"topology unit has unknown compression {method}")
+        raise BitstreamError(None, f"{what} unit is corrupt") from None
+    raise BitstreamError(None, f"{what} unit has unknown compression {method}")
 
 
 def iter_units(data: bytes | memoryview) -> Iterator[Unit]:

@@ -74,6 +74,15 @@ class ByteReader:
     def remaining(self) -> int:
         return len(self._data) - self._pos
 
+    @property
+    def position(self) -> int:
+        """Bytes consumed so far."""
+        return self._pos
+
+    def peek(self, n: int) -> memoryview:
+        """The next `n` bytes (at most what remains) without consuming them."""
+        return self._data[self._pos : self._pos + max(0, min(n, self.remaining))]
+
     def _take(self, n: int) -> memoryview:
         if n < 0 or n > self.remaining:
             raise BitstreamError(None, f"{self._what} is truncated or corrupt (needs {n} bytes, has {self.remaining})")
@@ -109,7 +118,7 @@ class ByteReader:
         return value
 
     def svarint(self) -> int:
-        value = self.varint()
+        value = self.varint((1 << 64) - 1)
         return (value >> 1) if not value & 1 else -((value + 1) >> 1)
 
     def text(self, limit: int = 1 << 16) -> str:

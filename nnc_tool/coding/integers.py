@@ -1,22 +1,32 @@
 """Entropy coding of integer arrays with constriction.
 
-An integer stream is self-describing: one method byte, the method's side information,
-then the payload. The encoder tries every method that applies and keeps the smallest,
-so tiny tensors are not drowned in histogram side information and wide alphabets
-(fine non-weight steps, lossless byte planes) still code close to their entropy.
+An integer stream is self-describing: a head byte naming the method, the method's model
+description, then the payload. The encoder estimates the exact size of every method (the
+probability model constriction will use is reproduced bit for bit, see `quantized_weights`),
+builds the cheapest and keeps the smallest of the close candidates, so nothing is ever coded
+worse than fixed-width bits.
 
-Methods
-- FIXED: every value in `bits` raw bits above the minimum (also covers constant arrays, bits=0).
-- HISTOGRAM: a Categorical model over [min, max] whose counts travel in the stream,
-  coded with an ANS stack coder.
-- MAGNITUDE: the signed bit length of each value (a small alphabet) coded with a
-  Categorical model as above; the bits below the leading one follow raw. This is the
-  exponent/mantissa split of Exp-Golomb codes with a learned prefix model, and it keeps
-  the side information small when the alphabet is wide.
+Methods (docs/FORMAT.md has the byte layout)
+- FIXED: every value in w raw bits above the minimum (w = 0 codes a constant array).
+- BINNED: value - center mapped to signed *bins*: magnitudes below 2^(b+1) have a bin each, larger
+  ones share a bin per (bit length, top b bits below the leading one) and send the remaining low
+  bits as uniform symbols. b = 0 are Exp-Golomb-like magnitude classes, a large b is a plain
+  histogram; the encoder picks b. The bin histogram travels as quantized counts (r significant
+  bits, Exp-Golomb-coded differences), so a small tensor does not pay for exact counts.
+- PATTERN: for tensors with many zeros (pruning, coarse steps). Along one axis, groups of G
+  neighbours code their zero/non-zero pattern as one symbol (a context model of each position's
+  significance given its neighbours, learned as a 2^G-entry histogram), then the non-zero values
+  with a BINNED model. This captures N:M sparsity exactly (a 2:4 group has 6 patterns, not 16).
+
+Every entropy-coded symbol of a stream goes through one ANS stack coder (32-bit words, 24-bit
+probabilities): bins or patterns with constriction `Categorical` models, low bits with exact
+`Uniform` models of 2^k symbols.
 """
 from __future__ import annotations
 
 import enum
+import math
+from dataclasses import dataclass, field
 
 import constriction
 import numpy as np
@@ -26,210 +36,856 @@ from ..errors import BitstreamError
 
 _AnsCoder = constriction.stream.stack.AnsCoder
 _Categorical = constriction.stream.model.Categorical
+_UNIFORM = constriction.stream.model.Uniform()
 
-# Beyond this many symbols a histogram costs more side information than it saves.
-MAX_HISTOGRAM_ALPHABET = 1 << 16
+# Largest model alphabet (bins, patterns) a stream may declare.
+MAX_ALPHABET = 1 << 16
 # Sanity bound on any decoded count so hostile streams cannot request huge allocations.
 MAX_VALUES = 1 << 31
+PRECISION = 24  # constriction's probability precision (DefaultContiguousCategoricalEntropyModel)
+MAX_BIN_BITS = 30  # b
+MAX_COUNT_BITS = 7  # r
+MAX_EG_K = 15  # Exp-Golomb parameter of count tables
+MAX_GROUP = 9  # G of PATTERN
+MIN_GROUP = 2
+MAX_AXES = 32
+# BINNED handles values with |value - center| < 2^62 and |center| < 2^62 (so both fit int64).
+MAGNITUDE_LIMIT = 1 << 62
+CHUNK_BITS = 16  # low bits travel as uniform symbols of at most this many bits
+_ANS_OVERHEAD_BYTES = 3  # what an ANS stream costs beyond its symbols' code length, on average
 
 
 class Method(enum.IntEnum):
     FIXED = 0
-    HISTOGRAM = 1
-    MAGNITUDE = 2
+    BINNED = 1
+    PATTERN = 2
 
 
-def encode_integers(values: np.ndarray) -> bytes:
-    """Code a 1-D integer array (any int dtype, values within int64) into a self-describing stream."""
-    values = np.ascontiguousarray(values, dtype=np.int64).ravel()
-    candidates = [_encode_fixed(values)]
-    if values.size:
-        low, high = int(values.min()), int(values.max())
-        if high > low and high - low < MAX_HISTOGRAM_ALPHABET:
-            candidates.append(_encode_histogram(values, low, high))
-        if high > low and values.size > 16:
-            candidates.append(_encode_magnitude(values))
-    return min(candidates, key=len)
+@dataclass
+class StreamStats:
+    """Accounting filled in by `decode_integers(..., stats=)` (for entropy reports)."""
+
+    side_bytes: int = 0  # method heads and model descriptions
+    payload_bytes: int = 0  # ANS words and fixed-width fields
+    ideal_bits: float = 0.0  # code length of the decoded symbols under the models used
+    empirical_bits: float = 0.0  # the same symbols under their own (free, exact) order-0 statistics
+    values: int = 0
+    methods: dict[str, int] = field(default_factory=dict)
+    measure: bool = True  # compute ideal/empirical code lengths (costs decoding time)
+
+    def add(self, other: StreamStats) -> None:
+        self.side_bytes += other.side_bytes
+        self.payload_bytes += other.payload_bytes
+        self.ideal_bits += other.ideal_bits
+        self.empirical_bits += other.empirical_bits
+        self.values += other.values
+        for key, count in other.methods.items():
+            self.methods[key] = self.methods.get(key, 0) + count
 
 
-def decode_integers(data: bytes | memoryview, count: int) -> np.ndarray:
-    """Inverse of `encode_integers`; `count` comes from the tensor's shape."""
-    if count > MAX_VALUES:
+# =========================================================================================
+# Public entry points
+# =========================================================================================
+
+
+def encode_integers(values: np.ndarray, shape: tuple[int, ...] | None = None) -> bytes:
+    """Code an integer array (any int dtype, values within int64) into a self-describing stream.
+
+    `shape` (default: the array's own shape) is the shape the decoder will be given; PATTERN
+    groups neighbours along one of its axes.
+    """
+    flat, shape = _prepare(values, shape)
+    plans = _plan(flat, shape)
+    plans.sort(key=lambda p: p.cost)
+    best = plans[0]
+    built = [best.build()]
+    # Estimates are exact up to the last ANS word: build close runners-up and keep the smallest.
+    for other in plans[1:]:
+        if other.cost <= best.cost + 8:
+            built.append(other.build())
+    return min(built, key=len)
+
+
+def decode_integers(data: bytes | memoryview, shape: int | tuple[int, ...], stats: StreamStats | None = None) -> np.ndarray:
+    """Inverse of `encode_integers`: the values in row-major order (int64, 1-D)."""
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    count = math.prod(shape)
+    if count > MAX_VALUES or any(d < 0 for d in shape):
         raise BitstreamError(None, f"tensor declares {count} values, above the limit")
     reader = ByteReader(data, "integer stream")
-    method = reader.u8()
+    head = reader.u8()
+    method, parameter = head & 7, head >> 3
+    local = StreamStats(values=count, measure=stats is not None)
     if method == Method.FIXED:
-        values = _decode_fixed(reader, count)
-    elif method == Method.HISTOGRAM:
-        values = _decode_histogram(reader, count)
-    elif method == Method.MAGNITUDE:
-        values = _decode_magnitude(reader, count)
+        values = _decode_fixed(reader, parameter, count, local)
+    elif method == Method.BINNED:
+        values = _decode_binned(reader, parameter, count, local)
+    elif method == Method.PATTERN:
+        values = _decode_pattern(reader, parameter, shape, local)
     else:
         raise BitstreamError(None, f"unknown integer coding method {method}")
     reader.expect_end()
+    local.side_bytes += 1  # the head byte
+    local.methods[Method(method).name.lower()] = 1
+    if stats is not None:
+        stats.add(local)
     return values
 
 
-# --- FIXED -------------------------------------------------------------------------------
+def estimated_bits(values: np.ndarray, shape: tuple[int, ...] | None = None) -> float:
+    """Size in bits of the stream `encode_integers` would write for these values, side information
+    included (exact up to the last ANS word), without building it."""
+    flat, shape = _prepare(values, shape)
+    return 8.0 * min(p.cost for p in _plan(flat, shape))
 
 
-def _encode_fixed(values: np.ndarray) -> bytes:
+def value_bits(values: np.ndarray, low: int, high: int, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """Code length in bits of every value in [low, high] under the model `encode_integers` would
+    build for `values` (for rate-distortion optimised quantization).
+
+    Bins the values never use cost as if they held half a count. For a PATTERN stream the cost is
+    the marginal one: -log2 of the zero share for 0, and for other values -log2 of the non-zero
+    share plus their code length in the non-zero model (the neighbour context is ignored).
+    Returns None when fixed-width coding wins (every value in range costs the same).
+    """
+    flat, shape = _prepare(values, shape)
+    best = min(_plan(flat, shape), key=lambda p: p.cost)
+    if best.model is None:
+        return None
+    span = np.arange(low, high + 1, dtype=np.int64)
+    if best.zero_fraction is None:
+        return _model_bits(best.model, span)
+    p = min(max(best.zero_fraction, 1e-9), 1 - 1e-9)
+    nonzero = _model_bits(best.model, span - (span > 0)) - math.log2(1 - p)
+    return np.where(span == 0, -math.log2(p), nonzero)
+
+
+def _model_bits(model: _ValueModel, span: np.ndarray) -> np.ndarray:
+    offsets = span - model.center
+    bins, shift = bin_of(np.minimum(np.abs(offsets), MAGNITUDE_LIMIT - 1), model.b)
+    symbols = np.where(offsets < 0, -bins, bins) - model.lo
+    inside = (symbols >= 0) & (symbols < model.size)
+    counts = count_value(model.codes, model.r).astype(np.float64) if model.size > 1 else np.ones(1)
+    frequency = np.full(span.size, 0.5)
+    frequency[inside] = np.maximum(counts[symbols[inside]], 0.5)
+    return np.log2(counts.sum() / frequency) + shift
+
+
+def _prepare(values: np.ndarray, shape) -> tuple[np.ndarray, tuple[int, ...]]:
+    values = np.asarray(values)
+    shape = tuple(values.shape) if shape is None else tuple(int(d) for d in shape)
+    flat = np.ascontiguousarray(values, dtype=np.int64).ravel()
+    if flat.size != math.prod(shape):
+        raise ValueError(f"{flat.size} values do not fill shape {shape}")
+    return flat, shape
+
+
+# =========================================================================================
+# Planning: estimated sizes of every method
+# =========================================================================================
+
+
+@dataclass
+class _Plan:
+    cost: float
+    build: object  # () -> bytes
+    model: _ValueModel | None = None  # BINNED: the values' model; PATTERN: the non-zero values' model
+    zero_fraction: float | None = None  # PATTERN: share of zeros
+
+
+def _plan(flat: np.ndarray, shape: tuple[int, ...]) -> list[_Plan]:
+    plans = [_plan_fixed(flat)]
+    if flat.size < 2 or plans[0].cost <= 8:
+        return plans  # nothing else can be smaller than a few bytes
+    low, high = int(flat.min()), int(flat.max())
+    if low == high:
+        return plans
+    histogram = _histogram(flat, low, high)
+    binned = _best_value_model(*histogram, bound=plans[0].cost)
+    if binned is not None:
+        plans.append(_Plan(1 + binned.cost_bytes, lambda: _build_binned(flat, binned), binned))
+    pattern = _plan_pattern(flat, shape, histogram, min(p.cost for p in plans))
+    if pattern is not None:
+        plans.append(pattern)
+    return plans
+
+
+def _histogram(flat: np.ndarray, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values (int64, ascending) and how often each occurs."""
+    if high - low <= 4 * flat.size + 1024:
+        counts = np.bincount(flat - low)
+        present = np.flatnonzero(counts)
+        return present.astype(np.int64) + low, counts[present].astype(np.int64)
+    values, counts = np.unique(flat, return_counts=True)
+    return values.astype(np.int64), counts.astype(np.int64)
+
+
+# =========================================================================================
+# FIXED
+# =========================================================================================
+
+
+def _plan_fixed(flat: np.ndarray) -> _Plan:
+    low = int(flat.min()) if flat.size else 0
+    width = (int(flat.max()) - low).bit_length() if flat.size else 0
+    size = 1 + (width >= 31) + _svarint_size(low) + (flat.size * width + 7) // 8
+    return _Plan(size, lambda: _encode_fixed(flat, low, width))
+
+
+def _encode_fixed(flat: np.ndarray, low: int, width: int) -> bytes:
     writer = ByteWriter()
-    writer.u8(Method.FIXED)
-    if values.size == 0:
-        writer.svarint(0)
-        writer.u8(0)
-        return writer.getvalue()
-    low = int(values.min())
-    span = int(values.max()) - low
-    bits = span.bit_length()
+    writer.u8(Method.FIXED | (min(width, 31) << 3))
+    if width >= 31:
+        writer.u8(width)
     writer.svarint(low)
-    writer.u8(bits)
-    if bits:
-        writer.raw(_pack_fixed_width((values - low).astype(np.uint64), bits))
+    if width:
+        offsets = (flat.astype(np.uint64) - np.uint64(low & 0xFFFFFFFFFFFFFFFF)).astype(np.uint64)
+        writer.raw(pack_bits(offsets, np.full(flat.size, width, dtype=np.int64)))
     return writer.getvalue()
 
 
-def _decode_fixed(reader: ByteReader, count: int) -> np.ndarray:
+def _decode_fixed(reader: ByteReader, parameter: int, count: int, stats: StreamStats) -> np.ndarray:
+    start = reader.position
+    width = reader.u8() if parameter == 31 else parameter
+    if width > 64 or (parameter == 31 and width < 31):
+        raise BitstreamError(None, f"integer stream declares an invalid width of {width} bits")
     low = reader.svarint()
-    bits = reader.u8()
-    if bits > 64:
-        raise BitstreamError(None, "integer stream declares more than 64 bits per value")
-    if bits == 0:
+    if not -(1 << 63) <= low < (1 << 63):
+        raise BitstreamError(None, "integer stream has a minimum outside int64")
+    stats.side_bytes += reader.position - start
+    if width == 0:
         return np.full(count, low, dtype=np.int64)
-    packed = reader.raw((count * bits + 7) // 8)
-    offsets = _unpack_fixed_width(packed, bits, count)
-    return (offsets.astype(np.int64) + np.int64(low)).astype(np.int64)
+    nbytes = (count * width + 7) // 8
+    packed = reader.raw(nbytes)
+    stats.payload_bytes += nbytes
+    stats.ideal_bits += count * width
+    stats.empirical_bits += count * width
+    offsets = unpack_bits(packed, np.full(count, width, dtype=np.int64))
+    return (offsets + np.uint64(low & 0xFFFFFFFFFFFFFFFF)).view(np.int64)
 
 
-def _pack_fixed_width(offsets: np.ndarray, bits: int) -> bytes:
-    """Big-endian bit fields of `bits` bits each, concatenated."""
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
-    bit_matrix = ((offsets[:, None] >> shifts[None, :]) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bit_matrix.ravel()).tobytes()
+# =========================================================================================
+# Bins, counts and model tables
+# =========================================================================================
 
 
-def _unpack_fixed_width(packed: memoryview, bits: int, count: int) -> np.ndarray:
-    bit_array = np.unpackbits(np.frombuffer(packed, dtype=np.uint8))[: count * bits]
-    bit_matrix = bit_array.reshape(count, bits).astype(np.uint64)
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
-    return (bit_matrix << shifts[None, :]).sum(axis=1, dtype=np.uint64)
-
-
-# --- HISTOGRAM -----------------------------------------------------------------------------
-
-
-def _write_counts(writer: ByteWriter, counts: np.ndarray) -> None:
-    writer.varint(len(counts))
-    for count in counts.tolist():  # one entry per alphabet symbol, not per weight
-        writer.varint(count)
-
-
-def _read_counts(reader: ByteReader, limit: int) -> np.ndarray:
-    size = reader.varint(limit)
-    counts = np.fromiter((reader.varint() for _ in range(size)), dtype=np.float64, count=size)
-    if size == 0 or not counts.any():
-        raise BitstreamError(None, "integer stream has an empty histogram")
-    return counts
-
-
-def _ans_encode(symbols: np.ndarray, counts: np.ndarray) -> bytes:
-    model = _Categorical(counts / counts.sum(), perfect=False)
-    coder = _AnsCoder()
-    coder.encode_reverse(symbols.astype(np.int32), model)
-    return coder.get_compressed().astype("<u4").tobytes()
-
-
-def _ans_decode(payload: memoryview, counts: np.ndarray, count: int) -> np.ndarray:
-    if len(payload) % 4:
-        raise BitstreamError(None, "entropy-coded payload is not a whole number of words")
-    words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-    model = _Categorical(counts / counts.sum(), perfect=False)
-    try:
-        symbols = _AnsCoder(words).decode(model, count)
-    except Exception as exc:  # constriction raises plain exceptions on exhausted/invalid data
-        raise BitstreamError(None, f"entropy-coded payload is corrupt ({exc})") from None
-    return np.asarray(symbols, dtype=np.int64)
-
-
-def _encode_histogram(values: np.ndarray, low: int, high: int) -> bytes:
-    symbols = values - low
-    counts = np.bincount(symbols, minlength=high - low + 1)
-    writer = ByteWriter()
-    writer.u8(Method.HISTOGRAM)
-    writer.svarint(low)
-    _write_counts(writer, counts)
-    writer.raw(_ans_encode(symbols, counts.astype(np.float64)))
-    return writer.getvalue()
-
-
-def _decode_histogram(reader: ByteReader, count: int) -> np.ndarray:
-    low = reader.svarint()
-    counts = _read_counts(reader, MAX_HISTOGRAM_ALPHABET)
-    symbols = _ans_decode(reader.raw(reader.remaining), counts, count)
-    return symbols + low
-
-
-# --- MAGNITUDE -----------------------------------------------------------------------------
-
-
-def _bit_length(magnitudes: np.ndarray) -> np.ndarray:
-    """Vectorized int.bit_length for non-negative int64 values."""
-    lengths = np.zeros(magnitudes.shape, dtype=np.int64)
-    nonzero = magnitudes > 0
-    # frexp is exact for integers below 2**53; larger magnitudes are corrected below.
-    _, exponents = np.frexp(magnitudes[nonzero].astype(np.float64))
-    lengths[nonzero] = exponents
-    big = magnitudes >= (1 << 53)
+def bit_length(values: np.ndarray) -> np.ndarray:
+    """Vectorised int.bit_length of non-negative int64 (or uint64) values."""
+    values = np.asarray(values)
+    lengths = np.zeros(values.shape, dtype=np.int64)
+    nonzero = values > 0
+    # frexp is exact below 2**53; larger values are fixed up exactly.
+    lengths[nonzero] = np.frexp(values[nonzero].astype(np.float64))[1]
+    big = values >= (1 << 53)
     if big.any():
-        lengths[big] = [int(m).bit_length() for m in magnitudes[big].tolist()]
+        lengths[big] = [int(v).bit_length() for v in values[big].tolist()]
     return lengths
 
 
-def _encode_magnitude(values: np.ndarray) -> bytes:
-    magnitudes = np.abs(values)
-    classes = _bit_length(magnitudes)
-    signed_classes = np.where(values < 0, -classes, classes)
-    max_class = int(classes.max())
-    symbols = signed_classes + max_class
-    counts = np.bincount(symbols, minlength=2 * max_class + 1)
-    mantissa_bits = np.maximum(classes - 1, 0)
-    mantissas = (magnitudes - np.where(classes > 0, np.left_shift(1, np.maximum(classes - 1, 0)), 0)).astype(np.uint64)
+def bin_of(magnitudes: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bin, number of low bits not in the bin) of non-negative magnitudes < 2^62.
 
+    Magnitudes below 2^(b+1) are their own bin; a larger one with bit length e keeps its top b+1
+    bits t in bin 2^b * (e - b - 1) + t and leaves e - b - 1 low bits.
+    """
+    shift = np.maximum(bit_length(magnitudes) - (b + 1), 0)
+    top = magnitudes >> shift
+    return np.where(shift == 0, magnitudes, (shift << b) + top), shift
+
+
+def bin_base(bins: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `bin_of` up to the low bits: (smallest magnitude of the bin, low bit count)."""
+    bins = np.asarray(bins, dtype=np.int64)
+    exact = bins < (2 << b)
+    shift = np.where(exact, 0, (bins >> b) - 1)
+    top = np.where(exact, bins, (1 << b) + (bins & ((1 << b) - 1)))
+    return top << shift, shift
+
+
+def max_bin(b: int) -> int:
+    """The largest bin of a magnitude below 2^62."""
+    return int(bin_of(np.array([MAGNITUDE_LIMIT - 1], dtype=np.int64), b)[0][0])
+
+
+def count_code(counts: np.ndarray, r: int) -> np.ndarray:
+    """Quantization index of each count, keeping r significant bits below the leading one."""
+    return bin_of(np.asarray(counts, dtype=np.int64), r)[0]
+
+
+def count_value(codes: np.ndarray, r: int) -> np.ndarray:
+    """The count a quantization index stands for (midpoint of its interval; exact below 2^(r+1))."""
+    base, shift = bin_base(codes, r)
+    half = np.where(shift > 0, np.left_shift(1, np.maximum(shift - 1, 0)), 0)
+    return base + half
+
+
+def quantized_weights(counts: np.ndarray) -> np.ndarray:
+    """The integer probabilities (out of 2^24) constriction's `Categorical(counts, perfect=False)` uses.
+
+    This mirrors constriction's `fast_quantized_cdf`: every symbol gets weight 1, the rest is
+    spread by floor(cumulative * (2^24 - n) / total) with sequential float64 sums. Exact, so the
+    encoder knows its code lengths and `stream_entropy_report` the model's ideal code length.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    n = counts.size
+    cumulative = np.cumsum(counts)
+    scale = float((1 << PRECISION) - n) / cumulative[-1]
+    left_float = np.concatenate(([0.0], cumulative[:-1])) * scale
+    left = left_float.astype(np.int64) + np.arange(n, dtype=np.int64)
+    return np.diff(np.append(left, 1 << PRECISION))
+
+
+def code_lengths(weights: np.ndarray) -> np.ndarray:
+    """Bits of each symbol under integer weights out of 2^24."""
+    return PRECISION - np.log2(weights.astype(np.float64))
+
+
+def _eg_widths(z: np.ndarray, k: int) -> np.ndarray:
+    return 2 * bit_length(z + (1 << k)) - 1 - k
+
+
+_EG_KS = np.arange(MAX_EG_K + 1, dtype=np.int64)
+
+
+def _table_bytes(codes: np.ndarray) -> tuple[int, int]:
+    """(bytes, k) of the cheapest Exp-Golomb-k coding of a count-code table (with its u8)."""
+    deltas = np.diff(codes, prepend=0)
+    zig = np.where(deltas >= 0, 2 * deltas, -2 * deltas - 1)
+    # Codeword widths for every k at once: 2 * bit_length(z + 2^k) - 1 - k.
+    shifted = (zig[:, None] + (1 << _EG_KS)[None, :]).astype(np.float64)
+    bits = (2 * np.frexp(shifted)[1] - 1 - _EG_KS[None, :]).sum(axis=0)
+    k = int(np.argmin(bits))
+    return 1 + (int(bits[k]) + 7) // 8, k
+
+
+def _write_table(writer: ByteWriter, codes: np.ndarray, r: int, k: int) -> None:
+    deltas = np.diff(codes, prepend=0)
+    zig = np.where(deltas >= 0, 2 * deltas, -2 * deltas - 1).astype(np.int64)
+    writer.u8(r | (k << 3))
+    shifted = zig + (1 << k)
+    writer.raw(pack_bits(shifted.astype(np.uint64), _eg_widths(zig, k)))
+
+
+def _read_table(reader: ByteReader, size: int) -> tuple[np.ndarray, int]:
+    """Count codes of a table with `size` entries, and r; validates every entry."""
+    byte = reader.u8()
+    r, k = byte & 7, (byte >> 3) & 15
+    if byte >> 7:
+        raise BitstreamError(None, "model table has a reserved bit set")
+    # Each codeword is at most 2 * 48 + 1 + k bits; never look further than the table can reach.
+    window = reader.peek((size * (97 + k) + 7) // 8)
+    bits = np.unpackbits(np.frombuffer(window, dtype=np.uint8))
+    total_bits = len(bits)
+    ones = np.flatnonzero(bits)
+    # For every bit position p: the next 1 at or after p, and where a codeword starting at p ends.
+    after = np.searchsorted(ones, np.arange(total_bits))
+    first_one = np.where(after < len(ones), ones[np.minimum(after, len(ones) - 1)] if len(ones) else 0, 1 << 40)
+    ends = (2 * first_one - np.arange(total_bits) + k + 1).tolist()
+    starts = np.empty(size, dtype=np.int64)
+    position = 0
+    for i in range(size):  # follow the chain of codewords (cheap: one list lookup each)
+        if position >= total_bits:
+            raise BitstreamError(None, "model table is truncated")
+        starts[i] = position
+        position = ends[position]
+    if position > total_bits:
+        raise BitstreamError(None, "model table is truncated")
+    leading = first_one[starts]
+    zeros = leading - starts
+    if zeros.max() > 48:
+        raise BitstreamError(None, "model table has an overlong codeword")
+    widths = zeros + k + 1
+    owners = np.repeat(np.arange(size), widths)
+    run_starts = np.cumsum(widths) - widths
+    local = np.arange(int(widths.sum())) - np.repeat(run_starts, widths)
+    picked = bits[np.repeat(leading, widths) + local].astype(np.uint64)
+    x = np.bitwise_or.reduceat(picked << (widths[owners] - 1 - local).astype(np.uint64), run_starts)
+    zig = x.astype(np.int64) - (1 << k)
+    codes = np.cumsum(np.where(zig & 1, -((zig + 1) >> 1), zig >> 1))
+    if codes.min() < 0 or codes.max() > (40 << r):  # beyond that a count would exceed 2^48
+        raise BitstreamError(None, "model table has an out-of-range count")
+    reader.raw((position + 7) // 8)
+    values = count_value(codes, r)
+    if not values.any():
+        raise BitstreamError(None, "model table is empty")
+    return values, r
+
+
+# =========================================================================================
+# Value models (BINNED and the non-zero values of PATTERN)
+# =========================================================================================
+
+
+@dataclass
+class _ValueModel:
+    center: int
+    b: int
+    lo: int  # lowest signed bin
+    size: int  # number of bins
+    r: int
+    k: int
+    codes: np.ndarray  # count code per bin
+    cost_bytes: float  # description + payload estimate, without the head byte
+
+
+def _best_value_model(values: np.ndarray, counts: np.ndarray, bound: float = math.inf) -> _ValueModel | None:
+    """The (center, b, r) with the smallest estimated description + payload for this histogram.
+
+    Candidates that cannot cost less than `bound` bytes (a table costs at least a bit per bin) are
+    not scored; returns None when none can.
+    """
+    low, high = int(values[0]), int(values[-1])
+    centers = [0]
+    if low > 0 or high < 0:
+        centers.append(low if low > 0 else high)
+    best = None
+    total = int(counts.sum())
+    for center in centers:
+        if max(abs(low - center), abs(high - center)) >= MAGNITUDE_LIMIT or abs(center) >= MAGNITUDE_LIMIT:
+            continue
+        offsets = values - center
+        magnitudes = np.abs(offsets)
+        r_guess = min(MAX_COUNT_BITS, max(0, int(math.log2(max(total, 2))) // 3))
+        candidates = []
+        for b in range(MAX_BIN_BITS + 1):
+            bins, shift = bin_of(magnitudes, b)
+            raw_bits = int((counts * shift).sum())
+            signed = np.where(offsets < 0, -bins, bins)
+            lo, hi = int(signed.min()), int(signed.max())
+            if hi - lo + 1 > MAX_ALPHABET or (hi - lo + 1) / 8 >= bound:
+                break  # finer bins only add table entries
+            if raw_bits / 8 < bound:
+                bin_counts = np.bincount(signed - lo, weights=counts, minlength=hi - lo + 1).astype(np.int64)
+                used = bin_counts[bin_counts > 0]
+                # Rough cost for ranking b: exact-count entropy, low bits, ~r+2 bits per table entry.
+                rough = (float(-(used * np.log2(used / total)).sum()) + raw_bits + (hi - lo + 1) * (r_guess + 2)) / 8
+                candidates.append((rough, b, lo, bin_counts, raw_bits))
+            if raw_bits == 0:
+                break  # every value has its own bin: a larger b changes nothing
+        # Exact costs for the two most promising b; the cost is close to convex in r.
+        candidates.sort(key=lambda c: c[0])
+        for _, b, lo, bin_counts, raw_bits in candidates[:2]:
+            scored = {r: _score(center, b, lo, bin_counts, raw_bits, r) for r in {max(0, r_guess - 1), r_guess, min(MAX_COUNT_BITS, r_guess + 1)}}
+            for step in (-1, 1):
+                r = min(scored, key=lambda q: scored[q].cost_bytes)
+                while 0 <= r + step <= MAX_COUNT_BITS:
+                    if r + step not in scored:
+                        scored[r + step] = _score(center, b, lo, bin_counts, raw_bits, r + step)
+                    if scored[r + step].cost_bytes >= scored[r].cost_bytes:
+                        break
+                    r += step
+            model = min(scored.values(), key=lambda m: m.cost_bytes)
+            if model.cost_bytes < bound and (best is None or model.cost_bytes < best.cost_bytes):
+                best = model
+    return best
+
+
+def _score(center: int, b: int, lo: int, bin_counts: np.ndarray, raw_bits: int, r: int) -> _ValueModel:
+    size = len(bin_counts)
+    codes = count_code(bin_counts, r)
+    description = _svarint_size(center) + _svarint_size(lo) + _varint_size(size - 1)
+    if size == 1:
+        return _ValueModel(center, b, lo, 1, r, 0, codes, description + (raw_bits + 7) // 8 + (_ANS_OVERHEAD_BYTES if raw_bits else 0))
+    weights = quantized_weights(count_value(codes, r))
+    used = bin_counts > 0
+    bits = float((bin_counts[used] * code_lengths(weights[used])).sum()) + raw_bits
+    table, k = _table_bytes(codes)
+    return _ValueModel(center, b, lo, size, r, k, codes, description + table + bits / 8 + _ANS_OVERHEAD_BYTES)
+
+
+def _write_value_model(writer: ByteWriter, model: _ValueModel) -> None:
+    writer.svarint(model.center)
+    writer.svarint(model.lo)
+    writer.varint(model.size - 1)
+    if model.size > 1:
+        _write_table(writer, model.codes, model.r, model.k)
+
+
+@dataclass
+class _ReadModel:
+    center: int
+    b: int
+    lo: int
+    counts: np.ndarray | None  # None for a single bin
+
+    def categorical(self):
+        return _Categorical(self.counts, perfect=False)
+
+
+def _read_value_model(reader: ByteReader, b: int) -> _ReadModel:
+    if b > MAX_BIN_BITS:
+        raise BitstreamError(None, f"integer stream declares {b} bin bits, above {MAX_BIN_BITS}")
+    center = reader.svarint()
+    lo = reader.svarint()
+    size = reader.varint(MAX_ALPHABET - 1) + 1
+    limit = max_bin(b)
+    if abs(center) >= MAGNITUDE_LIMIT or lo < -limit or lo + size - 1 > limit:
+        raise BitstreamError(None, "integer stream declares bins outside the representable range")
+    counts = _read_table(reader, size)[0].astype(np.float64) if size > 1 else None
+    return _ReadModel(center, b, lo, counts)
+
+
+def _value_symbols(values: np.ndarray, model: _ValueModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bin symbols, low-bit counts, low bits) of values under a value model."""
+    if values.size > 4096:
+        low, high = int(values.min()), int(values.max())
+        if high - low <= values.size:
+            # Map each distinct value once and gather: much cheaper than per-value bit lengths.
+            table = np.arange(low, high + 1, dtype=np.int64)
+            symbols, shift, low_bits = _value_symbols_direct(table, model)
+            index = values - low
+            return symbols[index], shift[index], low_bits[index]
+    return _value_symbols_direct(values, model)
+
+
+def _value_symbols_direct(values: np.ndarray, model: _ValueModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    offsets = values - model.center
+    magnitudes = np.abs(offsets)
+    bins, shift = bin_of(magnitudes, model.b)
+    signed = np.where(offsets < 0, -bins, bins)
+    low_bits = (magnitudes & (np.left_shift(1, shift) - 1)).astype(np.uint64)
+    return signed - model.lo, shift, low_bits
+
+
+def _symbol_tables(model: _ReadModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per symbol of the model's alphabet: smallest magnitude of its bin, low-bit count, sign."""
+    size = 1 if model.counts is None else model.counts.size
+    signed = np.arange(model.lo, model.lo + size, dtype=np.int64)
+    base, shift = bin_base(np.abs(signed), model.b)
+    return base, shift, signed < 0
+
+
+def _values_from_symbols(symbols: np.ndarray, low_bits: np.ndarray, tables) -> np.ndarray:
+    base, _, negative = tables
+    magnitudes = base[symbols] + low_bits.astype(np.int64)
+    return np.where(negative[symbols], -magnitudes, magnitudes)
+
+
+# =========================================================================================
+# The ANS payload: categorical symbols and uniform low-bit chunks in one stack
+# =========================================================================================
+
+
+class _AnsWriter:
+    """Collects (symbols, model) parts in decoding order; pushes them in reverse."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple] = []
+
+    def categorical(self, symbols: np.ndarray, counts: np.ndarray | None) -> None:
+        if counts is not None and symbols.size:
+            self._parts.append(("categorical", symbols.astype(np.int32), counts.astype(np.float64)))
+
+    def low_bits(self, fields: np.ndarray, widths: np.ndarray) -> None:
+        chunks, sizes = _chunks(fields, widths)
+        if chunks.size:
+            self._parts.append(("uniform", chunks, sizes))
+
+    def getvalue(self) -> bytes:
+        if not self._parts:
+            return b""
+        coder = _AnsCoder()
+        for kind, symbols, parameter in reversed(self._parts):
+            if kind == "categorical":
+                coder.encode_reverse(symbols, _Categorical(parameter, perfect=False))
+            else:
+                coder.encode_reverse(symbols, _UNIFORM, parameter)
+        raw = coder.get_compressed().astype("<u4").tobytes()
+        # The last word's high zero bytes are implied (the decoder pads to whole words).
+        trim = 0
+        while trim < 3 and raw and raw[len(raw) - 1 - trim] == 0:
+            trim += 1
+        return raw[: len(raw) - trim]
+
+
+class _AnsReader:
+    def __init__(self, payload: memoryview, stats: StreamStats) -> None:
+        stats.payload_bytes += len(payload)
+        padded = bytes(payload) + b"\x00" * (-len(payload) % 4)
+        words = np.frombuffer(padded, dtype="<u4").astype(np.uint32)
+        try:
+            self._coder = _AnsCoder(words) if len(words) else None
+        except Exception as exc:  # e.g. a stream ending in a zero word
+            raise BitstreamError(None, f"entropy-coded payload is corrupt ({exc})") from None
+        self._stats = stats
+
+    def categorical(self, counts: np.ndarray | None, count: int) -> np.ndarray:
+        if counts is None or count == 0:
+            return np.zeros(count, dtype=np.int64)
+        symbols = self._decode(_Categorical(counts, perfect=False), count)
+        if not self._stats.measure:
+            return symbols
+        weights = quantized_weights(counts)
+        self._stats.ideal_bits += float(code_lengths(weights)[symbols].sum())
+        observed = np.bincount(symbols, minlength=counts.size)
+        observed = observed[observed > 0]
+        self._stats.empirical_bits += float(-(observed * np.log2(observed / count)).sum())
+        return symbols
+
+    def low_bits(self, widths: np.ndarray) -> np.ndarray:
+        owners, chunk_widths, shifts = _chunk_layout(widths)
+        fields = np.zeros(len(widths), dtype=np.uint64)
+        if not len(owners):
+            return fields
+        chunks = self._decode(_UNIFORM, np.left_shift(1, chunk_widths).astype(np.int32)).astype(np.uint64)
+        self._stats.ideal_bits += float(chunk_widths.sum())
+        self._stats.empirical_bits += float(chunk_widths.sum())
+        # A field's chunks are consecutive and disjoint in bits: OR-reduce each run.
+        first = np.flatnonzero(np.diff(owners, prepend=-1))
+        fields[owners[first]] = np.bitwise_or.reduceat(chunks << shifts.astype(np.uint64), first)
+        return fields
+
+    def _decode(self, model, count_or_sizes) -> np.ndarray:
+        if self._coder is None:
+            raise BitstreamError(None, "entropy-coded payload is missing")
+        try:
+            symbols = self._coder.decode(model, count_or_sizes)
+        except Exception as exc:  # constriction raises plain exceptions on exhausted/invalid data
+            raise BitstreamError(None, f"entropy-coded payload is corrupt ({exc})") from None
+        return np.asarray(symbols, dtype=np.int64)
+
+    def finish(self) -> None:
+        if self._coder is not None and not self._coder.is_empty():
+            raise BitstreamError(None, "entropy-coded payload has data left over (corrupt)")
+
+
+def _chunk_layout(widths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per chunk: owning field, width, and shift within the field (most significant chunk first)."""
+    widths = np.asarray(widths, dtype=np.int64)
+    if not widths.size or widths.max() <= CHUNK_BITS:  # the common case: at most one chunk per field
+        owners = np.flatnonzero(widths)
+        return owners, widths[owners], np.zeros(owners.size, dtype=np.int64)
+    chunks_per_field = (widths + CHUNK_BITS - 1) // CHUNK_BITS
+    owners = np.repeat(np.arange(len(widths)), chunks_per_field)
+    if not len(owners):
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    starts = np.cumsum(chunks_per_field) - chunks_per_field
+    index = np.arange(len(owners)) - np.repeat(starts, chunks_per_field)
+    per_field = chunks_per_field[owners]
+    shifts = CHUNK_BITS * (per_field - 1 - index)
+    chunk_widths = np.where(index == 0, widths[owners] - CHUNK_BITS * (per_field - 1), CHUNK_BITS)
+    return owners, chunk_widths, shifts
+
+
+def _chunks(fields: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    owners, chunk_widths, shifts = _chunk_layout(widths)
+    if not len(owners):
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
+    mask = (np.left_shift(np.uint64(1), chunk_widths.astype(np.uint64)) - np.uint64(1)).astype(np.uint64)
+    chunks = (fields.astype(np.uint64)[owners] >> shifts.astype(np.uint64)) & mask
+    return chunks.astype(np.int32), np.left_shift(1, chunk_widths).astype(np.int32)
+
+
+# =========================================================================================
+# BINNED
+# =========================================================================================
+
+
+def _build_binned(flat: np.ndarray, model: _ValueModel) -> bytes:
     writer = ByteWriter()
-    writer.u8(Method.MAGNITUDE)
-    writer.u8(max_class)
-    _write_counts(writer, counts)
-    ans = _ans_encode(symbols, counts.astype(np.float64))
-    writer.blob(ans)
-    writer.raw(_pack_variable_width(mantissas, mantissa_bits))
+    writer.u8(Method.BINNED | (model.b << 3))
+    _write_value_model(writer, model)
+    symbols, shift, low_bits = _value_symbols(flat, model)
+    ans = _AnsWriter()
+    ans.categorical(symbols, count_value(model.codes, model.r) if model.size > 1 else None)
+    ans.low_bits(low_bits, shift)
+    writer.raw(ans.getvalue())
     return writer.getvalue()
 
 
-def _decode_magnitude(reader: ByteReader, count: int) -> np.ndarray:
-    max_class = reader.u8()
-    if max_class > 64:
-        raise BitstreamError(None, "integer stream declares a magnitude class above 64")
-    counts = _read_counts(reader, 2 * max_class + 1)
-    if len(counts) != 2 * max_class + 1:
-        raise BitstreamError(None, "integer stream has a histogram of the wrong size")
-    symbols = _ans_decode(reader.blob(), counts, count)
-    signed_classes = symbols - max_class
-    classes = np.abs(signed_classes)
-    mantissa_bits = np.maximum(classes - 1, 0)
-    total_bits = int(mantissa_bits.sum())
-    packed = reader.raw((total_bits + 7) // 8)
-    mantissas = _unpack_variable_width(packed, mantissa_bits)
-    leading = np.where(classes > 0, np.left_shift(np.uint64(1), np.maximum(classes - 1, 0).astype(np.uint64)), 0)
-    magnitudes = (mantissas + leading.astype(np.uint64)).astype(np.int64)
-    return np.where(signed_classes < 0, -magnitudes, magnitudes)
+def _decode_binned(reader: ByteReader, b: int, count: int, stats: StreamStats) -> np.ndarray:
+    start = reader.position
+    model = _read_value_model(reader, b)
+    stats.side_bytes += reader.position - start
+    ans = _AnsReader(reader.raw(reader.remaining), stats)
+    symbols = ans.categorical(model.counts, count)
+    tables = _symbol_tables(model)
+    low_bits = ans.low_bits(tables[1][symbols])
+    ans.finish()
+    return _values_from_symbols(symbols, low_bits, tables) + model.center
 
 
-def _pack_variable_width(fields: np.ndarray, widths: np.ndarray) -> bytes:
-    """Concatenate each field's low `width` bits, most significant first."""
+# =========================================================================================
+# PATTERN
+# =========================================================================================
+
+
+def _patterns(sig: np.ndarray, axis: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pattern symbol of every group (bit j = position j is non-zero) and the scan order.
+
+    `sig` is the boolean significance of the tensor (its shape); lines run along `axis`, cut
+    into groups of `group` from the start of each line (the last group of a line may be short).
+    Returns the patterns and, for the non-zero values, the order in which they are coded.
+    """
+    moved = np.moveaxis(sig, axis, -1)
+    length = moved.shape[-1]
+    lines = moved.reshape(-1, length)
+    padded_length = -(-length // group) * group
+    if padded_length != length:
+        lines = np.concatenate([lines, np.zeros((lines.shape[0], padded_length - length), dtype=bool)], axis=1)
+    groups = lines.reshape(-1, group)
+    patterns = np.packbits(groups, axis=1, bitorder="little").astype(np.int64)
+    if group > 8:
+        patterns = patterns[:, 0] | (patterns[:, 1] << 8)
+    else:
+        patterns = patterns[:, 0]
+    return patterns, lines
+
+
+def _scan_order(shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """Row-major indices of the tensor in the scan order of lines along `axis`."""
+    return np.moveaxis(np.arange(math.prod(shape), dtype=np.int64).reshape(shape), axis, -1).ravel()
+
+
+def _plan_pattern(flat: np.ndarray, shape: tuple[int, ...], histogram, bound: float) -> _Plan | None:
+    values, counts = histogram
+    zero_index = np.searchsorted(values, 0)
+    zeros = int(counts[zero_index]) if zero_index < len(values) and values[zero_index] == 0 else 0
+    n = flat.size
+    if zeros == 0 or zeros == n or len(shape) == 0 or len(shape) > MAX_AXES:
+        return None
+    p = zeros / n
+    sig_info_bytes = n * -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / 8
+    if sig_info_bytes < 24:
+        return None  # at most this much to gain: not worth a second model
+    nonzero_mask = values != 0
+    nz_values = values[nonzero_mask]
+    nz_values = nz_values - (nz_values > 0)
+    nz_model = _best_value_model(nz_values, counts[nonzero_mask], bound=bound)
+    if nz_model is None:
+        return None
+    sig = (flat != 0).reshape(shape)
+    layouts = []
+    for axis, length in enumerate(shape):
+        if length < 2:
+            continue
+        sample = _sample(sig, axis)
+        groups = sorted({g for g in (2, 3, 4, 8, length) if MIN_GROUP <= g <= MAX_GROUP})
+        for group in groups:
+            patterns, _ = _patterns(sample, axis, group)
+            pattern_counts = np.bincount(patterns, minlength=1 << group)
+            used = pattern_counts[pattern_counts > 0]
+            # Rank layouts by the patterns' exact-count entropy plus ~4 bits per table entry.
+            entropy = float(-(used * np.log2(used / patterns.size)).sum()) * (sig.size / sample.size)
+            cost = (entropy + 4 * (1 << group)) / 8
+            layouts.append((cost, axis, group))
+    if not layouts:
+        return None
+    best = None
+    for _, axis, group in sorted(layouts)[:2]:
+        patterns, _ = _patterns(sig, axis, group)
+        cost, r, k, codes = _pattern_table_cost(np.bincount(patterns, minlength=1 << group))
+        if best is None or cost < best[0]:
+            best = (cost, axis, group, r, k, codes)
+    cost, axis, group, r, k, codes = best
+    total = 2 + cost + nz_model.cost_bytes
+
+    def build() -> bytes:
+        return _build_pattern(flat, shape, axis, group, r, k, codes, nz_model)
+
+    return _Plan(total, build, nz_model, zeros / n)
+
+
+def _sample(sig: np.ndarray, axis: int, target: int = 1 << 18) -> np.ndarray:
+    """A leading slice of a large tensor (whole lines along `axis`) to rank PATTERN layouts on."""
+    if sig.size <= 2 * target:
+        return sig
+    if sig.ndim == 1:
+        return sig[: target - target % 2520]  # whole groups of every size 2..9
+    cut = 1 if axis == 0 else 0
+    keep = max(1, sig.shape[cut] * target // sig.size)
+    return sig[(slice(None),) * cut + (slice(0, keep),)]
+
+
+def _pattern_table_cost(pattern_counts: np.ndarray) -> tuple[float, int, int, np.ndarray]:
+    used = pattern_counts > 0
+
+    def score(r: int) -> tuple[float, int, int, np.ndarray]:
+        codes = count_code(pattern_counts, r)
+        weights = quantized_weights(count_value(codes, r))
+        bits = float((pattern_counts[used] * code_lengths(weights[used])).sum())
+        table, k = _table_bytes(codes)
+        return table + bits / 8, r, k, codes
+
+    # The cost is close to convex in r: walk from a guess while it improves.
+    r = min(MAX_COUNT_BITS, max(0, int(math.log2(max(int(pattern_counts.sum()), 2))) // 3))
+    best = score(r)
+    for step in (-1, 1):
+        while 0 <= best[1] + step <= MAX_COUNT_BITS:
+            candidate = score(best[1] + step)
+            if candidate[0] >= best[0]:
+                break
+            best = candidate
+    return best
+
+
+def _build_pattern(flat, shape, axis, group, r, k, codes, nz_model: _ValueModel) -> bytes:
+    writer = ByteWriter()
+    writer.u8(Method.PATTERN | (nz_model.b << 3))
+    writer.u8(axis | ((group - MIN_GROUP) << 5))
+    _write_table(writer, codes, r, k)
+    _write_value_model(writer, nz_model)
+    sig = (flat != 0).reshape(shape)
+    patterns, _ = _patterns(sig, axis, group)
+    scanned = flat[_scan_order(shape, axis)]
+    nonzero = scanned[scanned != 0]
+    nonzero = nonzero - (nonzero > 0)
+    symbols, shift, low_bits = _value_symbols(nonzero, nz_model)
+    ans = _AnsWriter()
+    ans.categorical(patterns, count_value(codes, r))
+    ans.categorical(symbols, count_value(nz_model.codes, nz_model.r) if nz_model.size > 1 else None)
+    ans.low_bits(low_bits, shift)
+    writer.raw(ans.getvalue())
+    return writer.getvalue()
+
+
+def _decode_pattern(reader: ByteReader, b: int, shape: tuple[int, ...], stats: StreamStats) -> np.ndarray:
+    start = reader.position
+    layout = reader.u8()
+    axis, group = layout & 31, (layout >> 5) + MIN_GROUP
+    if axis >= len(shape) or group > MAX_GROUP:
+        raise BitstreamError(None, f"pattern stream names axis {axis} / group {group} of a {len(shape)}-d tensor")
+    pattern_counts = _read_table(reader, 1 << group)[0].astype(np.float64)
+    model = _read_value_model(reader, b)
+    stats.side_bytes += reader.position - start
+    length = shape[axis]
+    count = math.prod(shape)
+    lines = count // length if length else 0
+    groups_per_line = -(-length // group)
+    ans = _AnsReader(reader.raw(reader.remaining), stats)
+    patterns = ans.categorical(pattern_counts, lines * groups_per_line)
+    bits = np.unpackbits(patterns.astype("<u2").view(np.uint8).reshape(-1, 2), axis=1, bitorder="little")[:, :group]
+    sig = bits.reshape(lines, groups_per_line * group)
+    if sig[:, length:].any():
+        raise BitstreamError(None, "pattern stream marks positions beyond the end of a line")
+    sig = sig[:, :length].astype(bool).ravel()
+    nonzero_count = int(sig.sum())
+    symbols = ans.categorical(model.counts, nonzero_count)
+    tables = _symbol_tables(model)
+    low_bits = ans.low_bits(tables[1][symbols])
+    ans.finish()
+    nonzero = _values_from_symbols(symbols, low_bits, tables) + model.center
+    nonzero = nonzero + (nonzero >= 0)
+    scanned = np.zeros(count, dtype=np.int64)
+    scanned[sig] = nonzero
+    values = np.empty(count, dtype=np.int64)
+    values[_scan_order(shape, axis)] = scanned
+    return values
+
+
+# =========================================================================================
+# Bit packing and small helpers
+# =========================================================================================
+
+
+def pack_bits(fields: np.ndarray, widths: np.ndarray) -> bytes:
+    """Concatenate each field's low `width` bits, most significant first, zero-padded to a byte."""
+    widths = np.asarray(widths, dtype=np.int64)
     total = int(widths.sum())
     if total == 0:
         return b""
+    fields = np.asarray(fields, dtype=np.uint64)
     owners = np.repeat(np.arange(len(fields)), widths)
     starts = np.cumsum(widths) - widths
     position = np.arange(total) - np.repeat(starts, widths)
@@ -238,7 +894,9 @@ def _pack_variable_width(fields: np.ndarray, widths: np.ndarray) -> bytes:
     return np.packbits(bits).tobytes()
 
 
-def _unpack_variable_width(packed: memoryview, widths: np.ndarray) -> np.ndarray:
+def unpack_bits(packed: memoryview | bytes, widths: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_bits` (uint64 fields)."""
+    widths = np.asarray(widths, dtype=np.int64)
     total = int(widths.sum())
     fields = np.zeros(len(widths), dtype=np.uint64)
     if total == 0:
@@ -248,7 +906,14 @@ def _unpack_variable_width(packed: memoryview, widths: np.ndarray) -> np.ndarray
     starts = np.cumsum(widths) - widths
     position = np.arange(total) - np.repeat(starts, widths)
     shift = (widths[owners] - 1 - position).astype(np.uint64)
-    # The bits of one field are disjoint, so OR-reducing each field's run assembles it.
     has_bits = widths > 0
     fields[has_bits] = np.bitwise_or.reduceat(bits << shift, starts[has_bits])
     return fields
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (int(value).bit_length() + 6) // 7)
+
+
+def _svarint_size(value: int) -> int:
+    return _varint_size((value << 1) if value >= 0 else ((-value << 1) - 1))

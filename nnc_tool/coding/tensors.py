@@ -15,21 +15,24 @@ import numpy as np
 from ..bitstream.primitives import ByteReader, ByteWriter
 from ..errors import BitstreamError
 from ..model import DTYPE_CODES, DTYPE_NAMES, FLOAT_DTYPES, Tensor, TensorRole, numpy_dtype
-from ..quantize.uniform import QuantSettings, dequantize, quantize, step_for_qp
-from .integers import MAX_VALUES, decode_integers, encode_integers
+from ..quantize.uniform import QP_RANGE, QuantSettings, dequantize, quantize, step_for_qp
+from .integers import MAX_VALUES, StreamStats, decode_integers, encode_integers
+from .names import read_name, write_name
 
 MAX_NDIM = 32
+# Single QPs are stored as svarint(QP - QP_BIAS): one byte for QP -112..15.
+QP_BIAS = -48
+_DTYPE_ESCAPE = 15  # descriptor dtype nibble 15: the dtype code follows as a u8
+# Quantization flags
+_PER_CHANNEL = 1
+_FREE_STEPS = 2
+_ROW_MASK = 4
 
 
 class Coding(enum.IntEnum):
     QUANTIZED = 0  # uniform levels of a float tensor
     INT_VALUES = 1  # integer/bool tensor, its values coded directly (lossless)
     BYTE_PLANES = 2  # any tensor bit-exactly, each byte of the element coded as its own stream
-
-
-class StepKind(enum.IntEnum):
-    QP = 0  # steps are 2^(qp/4), QPs sent
-    FREE = 1  # steps sent as float32
 
 
 @dataclass
@@ -57,110 +60,138 @@ class TensorHeader:
 def encode_tensor(tensor: Tensor, settings: QuantSettings) -> bytes:
     """Code one tensor into a data-unit payload."""
     array = tensor.array
+    quantized = None
+    if tensor.role != TensorRole.EXACT and tensor.dtype in FLOAT_DTYPES and not settings.lossless:
+        quantized = quantize(array.astype(np.float32), tensor.role, settings)
+    if quantized is not None:
+        coding = Coding.QUANTIZED
+    elif tensor.dtype not in FLOAT_DTYPES and tensor.dtype != "uint64":
+        coding = Coding.INT_VALUES
+    else:
+        coding = Coding.BYTE_PLANES
+
     writer = ByteWriter()
-    writer.text(tensor.name)
-    writer.u8(tensor.role)
-    writer.u8(DTYPE_CODES[tensor.dtype])
+    write_name(writer, tensor.name)
+    dtype_code = DTYPE_CODES[tensor.dtype]
+    writer.u8(int(tensor.role) | (coding << 2) | (min(dtype_code, _DTYPE_ESCAPE) << 4))
+    if dtype_code >= _DTYPE_ESCAPE:
+        writer.u8(dtype_code)
     writer.varint(array.ndim)
     for dim in array.shape:
         writer.varint(dim)
 
-    quantized = None
-    if tensor.role != TensorRole.EXACT and tensor.dtype in FLOAT_DTYPES and not settings.lossless:
-        quantized = quantize(array.astype(np.float32), tensor.role, settings)
-
-    if quantized is not None:
-        writer.u8(Coding.QUANTIZED)
-        _write_steps(writer, quantized.steps, quantized.qps)
+    if coding == Coding.QUANTIZED:
         levels = quantized.levels
+        per_channel = quantized.steps.size > 1
         coded_rows = _nonzero_rows(levels)
-        if coded_rows is not None and not coded_rows.all():
-            writer.u8(1)
-            writer.raw(np.packbits(coded_rows).tobytes())
-            levels = levels.reshape(levels.shape[0], -1)[coded_rows]
+        masked = coded_rows is not None and not coded_rows.all()
+        free = quantized.qps is None
+        writer.u8((_PER_CHANNEL if per_channel else 0) | (_FREE_STEPS if free else 0) | (_ROW_MASK if masked else 0))
+        if free:
+            writer.raw(quantized.steps.astype("<f4").tobytes())
+        elif per_channel:
+            qps = quantized.qps.astype(np.int64)
+            writer.blob(encode_integers(qps))
         else:
-            writer.u8(0)
-        writer.raw(encode_integers(levels.ravel()))
-    elif tensor.dtype not in FLOAT_DTYPES and tensor.dtype != "uint64":
-        writer.u8(Coding.INT_VALUES)
-        writer.raw(encode_integers(array.astype(np.int64).ravel()))
+            writer.svarint(int(quantized.qps[0]) - QP_BIAS)
+        if masked:
+            writer.raw(np.packbits(coded_rows).tobytes())
+            levels = levels.reshape(levels.shape[0], -1)[coded_rows].reshape((-1,) + levels.shape[1:])
+        writer.raw(encode_integers(levels))
+    elif coding == Coding.INT_VALUES:
+        writer.raw(encode_integers(array.astype(np.int64)))
     else:
-        writer.u8(Coding.BYTE_PLANES)
-        for plane in _byte_planes(array):
-            writer.blob(encode_integers(plane))
+        planes = _byte_planes(array)
+        for plane in planes[:-1]:
+            writer.blob(encode_integers(plane.reshape(array.shape)))
+        writer.raw(encode_integers(planes[-1].reshape(array.shape)))
     return writer.getvalue()
 
 
 def read_header(reader: ByteReader) -> TensorHeader:
     """Parse and validate the fixed part of a data unit, leaving the reader at the payload."""
-    name = reader.text()
-    role_code = reader.u8()
-    dtype_code = reader.u8()
+    name = read_name(reader)
+    descriptor = reader.u8()
+    role_code, coding_code, dtype_code = descriptor & 3, (descriptor >> 2) & 3, descriptor >> 4
+    if dtype_code == _DTYPE_ESCAPE:
+        dtype_code = reader.u8()
+        if dtype_code < _DTYPE_ESCAPE:
+            raise BitstreamError(None, f"tensor '{name}' escapes a dtype code that fits the descriptor")
     if role_code not in TensorRole._value2member_map_:
         raise BitstreamError(None, f"tensor '{name}' has unknown role {role_code}")
     if dtype_code not in DTYPE_NAMES:
         raise BitstreamError(None, f"tensor '{name}' has unknown dtype code {dtype_code}")
+    if coding_code not in Coding._value2member_map_:
+        raise BitstreamError(None, f"tensor '{name}' has unknown coding {coding_code}")
     ndim = reader.varint(MAX_NDIM)
     shape = tuple(reader.varint(MAX_VALUES) for _ in range(ndim))
     if math.prod(shape) > MAX_VALUES:
         raise BitstreamError(None, f"tensor '{name}' declares {math.prod(shape)} values, above the limit")
-    coding_code = reader.u8()
-    if coding_code not in Coding._value2member_map_:
-        raise BitstreamError(None, f"tensor '{name}' has unknown coding {coding_code}")
     header = TensorHeader(name, TensorRole(role_code), DTYPE_NAMES[dtype_code], shape, Coding(coding_code))
     if header.coding == Coding.QUANTIZED:
         if header.dtype not in FLOAT_DTYPES:
             raise BitstreamError(None, f"tensor '{name}' is quantized but has integer dtype {header.dtype}")
-        header.steps, header.qps = _read_steps(reader, header)
-        header.coded_rows = _read_row_mask(reader, header)
+        flags = reader.u8()
+        if flags & ~(_PER_CHANNEL | _FREE_STEPS | _ROW_MASK):
+            raise BitstreamError(None, f"tensor '{name}' has reserved quantization flags set")
+        header.steps, header.qps = _read_steps(reader, header, flags)
+        header.coded_rows = _read_row_mask(reader, header, flags)
+    elif header.coding == Coding.INT_VALUES and (header.dtype in FLOAT_DTYPES or header.dtype == "uint64"):
+        raise BitstreamError(None, f"tensor '{name}' codes {header.dtype} values as integers")
+    elif header.coding == Coding.BYTE_PLANES and header.dtype == "bool":
+        raise BitstreamError(None, f"tensor '{name}' codes bool values as byte planes")
     return header
 
 
-def decode_tensor(payload: bytes | memoryview) -> Tensor:
-    """Rebuild one tensor from its data-unit payload."""
+def decode_tensor(payload: bytes | memoryview, stats: StreamStats | None = None) -> Tensor:
+    """Rebuild one tensor from its data-unit payload (`stats` collects coding statistics)."""
     reader = ByteReader(payload, "data unit")
     header = read_header(reader)
     target = numpy_dtype(header.dtype)
     if header.coding == Coding.QUANTIZED:
-        array = _decode_levels(reader, header)
+        array = _decode_levels(reader, header, stats)
         array = dequantize(array, header.steps).astype(target)
     elif header.coding == Coding.INT_VALUES:
-        array = decode_integers(reader.raw(reader.remaining), header.size).astype(target).reshape(header.shape)
+        values = decode_integers(reader.raw(reader.remaining), header.shape, stats)
+        array = _cast_integers(values, target, header.name).reshape(header.shape)
     else:
-        planes = [decode_integers(reader.blob(), header.size) for _ in range(target.itemsize)]
-        reader.expect_end()
+        planes = [decode_integers(reader.blob(), header.shape, stats) for _ in range(target.itemsize - 1)]
+        planes.append(decode_integers(reader.raw(reader.remaining), header.shape, stats))
         array = _from_byte_planes(planes, target, header.shape)
     # 0-d arithmetic yields numpy scalars; formats expect arrays of the declared shape.
     return Tensor(header.name, np.asarray(array).reshape(header.shape), header.role)
 
 
-def _write_steps(writer: ByteWriter, steps: np.ndarray, qps: np.ndarray | None) -> None:
-    writer.u8(StepKind.QP if qps is not None else StepKind.FREE)
-    writer.varint(steps.size)
-    if qps is not None:
-        for qp in qps.tolist():  # one per channel, not per weight
-            writer.svarint(qp)
-    else:
-        writer.raw(steps.astype("<f4").tobytes())
+def _cast_integers(values: np.ndarray, target: np.dtype, name: str) -> np.ndarray:
+    """Integer values in the tensor's dtype; values outside its range mean a corrupt stream."""
+    if values.size:
+        if target == np.bool_:
+            low, high = 0, 1
+        else:
+            info = np.iinfo(target)
+            low, high = info.min, info.max
+        if int(values.min()) < low or int(values.max()) > high:
+            raise BitstreamError(None, f"tensor '{name}' holds values outside its dtype {target}")
+    return values.astype(target)
 
 
-def _read_steps(reader: ByteReader, header: TensorHeader) -> tuple[np.ndarray, np.ndarray | None]:
-    kind = reader.u8()
-    count = reader.varint(MAX_VALUES)
-    rows = header.shape[0] if header.shape else 1
-    if count != 1 and count != rows:
-        raise BitstreamError(None, f"tensor '{header.name}' has {count} steps for {rows} channels")
-    if kind == StepKind.QP:
-        qps = np.array([reader.svarint() for _ in range(count)], dtype=np.int64)
-        if np.abs(qps).max() > 1024:
-            raise BitstreamError(None, f"tensor '{header.name}' has an out-of-range QP")
-        return step_for_qp(qps), qps.astype(np.int16)
-    if kind == StepKind.FREE:
+def _read_steps(reader: ByteReader, header: TensorHeader, flags: int) -> tuple[np.ndarray, np.ndarray | None]:
+    per_channel = bool(flags & _PER_CHANNEL)
+    if per_channel and not header.shape:
+        raise BitstreamError(None, f"tensor '{header.name}' has per-channel steps but no channels")
+    count = header.shape[0] if per_channel else 1
+    if flags & _FREE_STEPS:
         steps = reader.array("f4", count)
         if not np.isfinite(steps).all():
             raise BitstreamError(None, f"tensor '{header.name}' has a non-finite step")
         return steps.astype(np.float32), None
-    raise BitstreamError(None, f"tensor '{header.name}' has unknown step kind {kind}")
+    if per_channel:
+        qps = decode_integers(reader.blob(), count)
+    else:
+        qps = np.array([reader.svarint() + QP_BIAS], dtype=np.int64)
+    if qps.size and (qps.min() < QP_RANGE[0] or qps.max() > QP_RANGE[1]):
+        raise BitstreamError(None, f"tensor '{header.name}' has a QP outside [{QP_RANGE[0]}, {QP_RANGE[1]}]")
+    return step_for_qp(qps), qps.astype(np.int16)
 
 
 def _nonzero_rows(levels: np.ndarray) -> np.ndarray | None:
@@ -170,24 +201,27 @@ def _nonzero_rows(levels: np.ndarray) -> np.ndarray | None:
     return levels.reshape(levels.shape[0], -1).any(axis=1)
 
 
-def _read_row_mask(reader: ByteReader, header: TensorHeader) -> np.ndarray | None:
-    has_mask = reader.u8()
-    if has_mask > 1:
-        raise BitstreamError(None, f"tensor '{header.name}' has an invalid row-mask flag")
-    if not has_mask:
+def _read_row_mask(reader: ByteReader, header: TensorHeader, flags: int) -> np.ndarray | None:
+    if not flags & _ROW_MASK:
         return None
     if len(header.shape) < 2:
         raise BitstreamError(None, f"tensor '{header.name}' has a row mask but no rows")
     rows = header.shape[0]
-    return np.unpackbits(np.frombuffer(reader.raw((rows + 7) // 8), dtype=np.uint8))[:rows].astype(bool)
+    packed = np.frombuffer(reader.raw((rows + 7) // 8), dtype=np.uint8)
+    bits = np.unpackbits(packed)
+    if bits[rows:].any():
+        raise BitstreamError(None, f"tensor '{header.name}' has row-mask padding bits set")
+    return bits[:rows].astype(bool)
 
 
-def _decode_levels(reader: ByteReader, header: TensorHeader) -> np.ndarray:
+def _decode_levels(reader: ByteReader, header: TensorHeader, stats: StreamStats | None) -> np.ndarray:
+    payload = reader.raw(reader.remaining)
     if header.coded_rows is None:
-        return decode_integers(reader.raw(reader.remaining), header.size).reshape(header.shape)
+        return decode_integers(payload, header.shape, stats).reshape(header.shape)
     rows = header.shape[0]
+    coded_shape = (int(header.coded_rows.sum()),) + header.shape[1:]
+    coded = decode_integers(payload, coded_shape, stats)
     row_size = header.size // rows if rows else 0
-    coded = decode_integers(reader.raw(reader.remaining), int(header.coded_rows.sum()) * row_size)
     levels = np.zeros((rows, row_size), dtype=np.int64)
     levels[header.coded_rows] = coded.reshape(-1, row_size)
     return levels.reshape(header.shape)
