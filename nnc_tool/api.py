@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .bitstream import container
 from .bitstream.container import UnitType
@@ -23,7 +25,8 @@ from .formats import FORMATS, check_output_suffix, model_files, read_model, writ
 from .model import Model, TensorRole
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorm as fold_batchnorms
-from .quantize.uniform import QuantSettings
+from .quantize.allocation import plan_quantization
+from .quantize.uniform import QuantSettings, effective_nonweight_qp
 
 EncodeOptions = QuantSettings
 
@@ -98,9 +101,20 @@ class StreamInfo:
         return sum(u.size for u in self.units) + container.HEADER_SIZE
 
 
-def compress_model(model: Model, options: EncodeOptions | None = None, original_bytes: int = 0) -> tuple[bytes, list[TensorReport]]:
-    """Code an in-memory model into a complete bitstream."""
+def compress_model(
+    model: Model,
+    options: EncodeOptions | None = None,
+    original_bytes: int = 0,
+    calibration: np.ndarray | None = None,
+) -> tuple[bytes, list[TensorReport]]:
+    """Code an in-memory model into a complete bitstream.
+
+    The quantization plan gives each tensor its own QP (sensitivity allocation) and, with
+    `calibration` inputs on ONNX models, error-compensated levels (see quantize/allocation.py).
+    """
     options = options or EncodeOptions()
+    plan = plan_quantization(model, options, calibration)
+    model = plan.model
     parameters = {
         "format": model.format,
         "tensor_count": len(model.tensors),
@@ -108,7 +122,9 @@ def compress_model(model: Model, options: EncodeOptions | None = None, original_
         "metadata": model.metadata,
         "settings": {
             "qp": options.qp,
-            "nonweight_qp": options.nonweight_qp,
+            "nonweight_qp": effective_nonweight_qp(options),
+            "allocate": options.allocate,
+            "rdo": options.rdo,
             "bits": options.bits,
             "per_channel": options.per_channel,
             "lossless": options.lossless,
@@ -122,7 +138,7 @@ def compress_model(model: Model, options: EncodeOptions | None = None, original_
     ]
     reports = []
     for tensor in model.tensors:
-        unit = container.frame_unit(UnitType.DATA, encode_tensor(tensor, options))
+        unit = container.frame_unit(UnitType.DATA, encode_tensor(tensor, plan.settings_for(tensor, options)))
         parts.append(unit)
         reports.append(_describe_data_unit(memoryview(unit)[5:-4], len(unit)))
     return b"".join(parts), reports
@@ -148,10 +164,13 @@ def encode(
     options: EncodeOptions | None = None,
     pruning: PruneConfig | None = None,
     fold_batchnorm: bool = True,
+    calibration: np.ndarray | None = None,
 ) -> EncodeReport:
     """Compress a model file into an nnc bitstream written atomically to `output_path`.
 
-    `pruning` runs the pruning stage before quantization. `fold_batchnorm` folds ONNX
+    `pruning` runs the pruning stage before quantization; `calibration` (model inputs) lets
+    quantization measure each tensor's sensitivity and compensate rounding errors.
+    `fold_batchnorm` folds ONNX
     BatchNormalization nodes into the preceding layer first (the decoded model computes the same
     function with fewer tensors; never with `lossless`). With `output_path=None` nothing is
     written (useful for measuring sizes).
@@ -168,7 +187,7 @@ def encode(
     folded = 0
     if fold_batchnorm and not (options or EncodeOptions()).lossless:
         model, folded = fold_batchnorms(model)
-    data, tensor_reports = compress_model(model, options, original_bytes)
+    data, tensor_reports = compress_model(model, options, original_bytes, calibration)
     if output_path is not None:
         write_bytes_atomic(output_path, data)
     return EncodeReport(

@@ -59,12 +59,16 @@ def quantization_options(command):
     options = [
         click.option("--qp", type=click.IntRange(-256, 255), default=-38, show_default=True,
                      help="Weight QP; the step is 2^(QP/4) (NNCodec's convention)."),
-        click.option("--nonweight-qp", type=click.IntRange(-256, 255), default=-75, show_default=True,
-                     help="QP of 1-D tensors (biases, norm parameters)."),
+        click.option("--nonweight-qp", type=click.IntRange(-256, 255), default=None,
+                     help="QP of 1-D tensors (biases, norm parameters); default: 16 below --qp."),
         click.option("--bits", type=click.IntRange(2, 31), default=None,
                      help="Derive each weight tensor's step from its range for this many bits (overrides --qp)."),
         click.option("--per-channel", is_flag=True, help="One step per output channel."),
         click.option("--lossless", is_flag=True, help="Code every tensor bit-exactly."),
+        click.option("--uniform-qp", is_flag=True,
+                     help="Same QP for every weight tensor (default: per-tensor QPs by sensitivity)."),
+        click.option("--rdo", type=click.FloatRange(0.0, 16.0), default=0.0, show_default=True,
+                     help="Rate-aware rounding strength (0 = round to nearest)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -88,7 +92,8 @@ def pruning_options(command):
         click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
                      help="How much each layer loses (sensitivity needs --calib)."),
         click.option("--calib", type=click.Path(dir_okay=False), default=None,
-                     help=".npz with calibration inputs 'x' (a few hundred samples) for ranking and refitting."),
+                     help=".npz with calibration inputs 'x' (a few hundred samples): pruning ranks and refits with "
+                          "it, quantization measures tensor sensitivities and compensates rounding errors."),
         click.option("--no-refit", is_flag=True, help="Do not refit the next layers by least squares after pruning."),
         click.option("--shapley-permutations", type=click.IntRange(1, 10000), default=16, show_default=True,
                      help="Budget of the Shapley estimator: permutations per layer."),
@@ -103,14 +108,15 @@ def pruning_options(command):
 
 def _pruning(prune_method: str | None, sparsity: float, scope: str, nm: str, nm_granularity: str, importance: str,
              allocation: str, calib: str | None, no_refit: bool, shapley_permutations: int, seed: int,
-             channel_multiple: int) -> PruneConfig | None:
+             channel_multiple: int, calibration=None) -> PruneConfig | None:
     if prune_method is None:
         return None
     try:
         k, n = (int(part) for part in nm.split(":"))
     except ValueError:
         raise UsageError(None, f"--nm expects K:N such as 2:4, got {nm!r}") from None
-    calibration = load_eval_data(calib)[0] if calib else None
+    if calibration is None and calib:
+        calibration = load_eval_data(calib)[0]
     try:
         return PruneConfig(method=prune_method, sparsity=sparsity, scope=scope, nm=(k, n), nm_granularity=nm_granularity,
                            importance=importance, allocation=allocation, calibration=calibration, refit=not no_refit,
@@ -119,8 +125,10 @@ def _pruning(prune_method: str | None, sparsity: float, scope: str, nm: str, nm_
         raise UsageError(None, str(err)) from None
 
 
-def _settings(qp: int, nonweight_qp: int, bits: int | None, per_channel: bool, lossless: bool) -> QuantSettings:
-    return QuantSettings(qp=qp, nonweight_qp=nonweight_qp, bits=bits, per_channel=per_channel, lossless=lossless)
+def _settings(qp: int, nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool,
+              uniform_qp: bool = False, rdo: float = 0.0) -> QuantSettings:
+    return QuantSettings(qp=qp, nonweight_qp=nonweight_qp, bits=bits, per_channel=per_channel, lossless=lossless,
+                         allocate=not uniform_qp, rdo=rdo)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -145,11 +153,14 @@ def _terminate(signum: int, frame) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor.")
 @handle_errors
-def encode(model: str, output: str, qp: int, nonweight_qp: int, bits: int | None, per_channel: bool,
-           lossless: bool, no_fold_bn: bool, as_json: bool, verbose: bool, **prune_options) -> None:
+def encode(model: str, output: str, qp: int, nonweight_qp: int | None, bits: int | None, per_channel: bool,
+           lossless: bool, uniform_qp: bool, rdo: float, no_fold_bn: bool, as_json: bool, verbose: bool,
+           **prune_options) -> None:
     """Compress MODEL into an nnc bitstream."""
-    report = api.encode(model, output, _settings(qp, nonweight_qp, bits, per_channel, lossless),
-                        _pruning(**prune_options), fold_batchnorm=not no_fold_bn)
+    calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
+    report = api.encode(model, output, _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo),
+                        _pruning(calibration=calibration, **prune_options), fold_batchnorm=not no_fold_bn,
+                        calibration=calibration)
     if as_json:
         _print_json(report.to_dict())
         return
@@ -244,13 +255,15 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Inference threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight_qp: int, bits: int | None,
-          per_channel: bool, lossless: bool, no_fold_bn: bool, runs: int, warmup: int, batch_size: int,
-          threads: int, as_json: bool, **prune_options) -> None:
+def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight_qp: int | None, bits: int | None,
+          per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float, no_fold_bn: bool, runs: int, warmup: int,
+          batch_size: int, threads: int, as_json: bool, **prune_options) -> None:
     """Measure size, latency and accuracy (or fidelity) of MODEL against its nnc-coded rebuild."""
-    report = run_bench(model, nnc_path, data, _settings(qp, nonweight_qp, bits, per_channel, lossless),
+    calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
+    report = run_bench(model, nnc_path, data, _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo),
                        runs=runs, warmup=warmup, batch_size=batch_size, threads=threads,
-                       pruning=_pruning(**prune_options), fold_batchnorm=not no_fold_bn)
+                       pruning=_pruning(calibration=calibration, **prune_options), fold_batchnorm=not no_fold_bn,
+                       calibration=calibration)
     if as_json:
         _print_json(report.to_dict())
         return

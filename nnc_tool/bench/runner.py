@@ -204,6 +204,7 @@ def bench(
     threads: int = 1,
     pruning=None,
     fold_batchnorm: bool = True,
+    calibration: np.ndarray | None = None,
 ) -> BenchReport:
     """Encode (unless `nnc_path` is given), decode, and compare the rebuilt model with the original.
 
@@ -222,7 +223,7 @@ def bench(
         notes: list[str] = []
         if nnc_path is None:
             nnc_path = tmp_dir / "model.nnc"
-            encoded = api.encode(model_path, nnc_path, options, pruning, fold_batchnorm)
+            encoded = api.encode(model_path, nnc_path, options, pruning, fold_batchnorm, calibration)
             encode_seconds = encoded.seconds
             if encoded.pruning is not None:
                 kept = encoded.pruning.parameters_after / max(encoded.pruning.parameters_before, 1)
