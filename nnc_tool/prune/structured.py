@@ -180,7 +180,7 @@ def round_to_channel_multiple(counts: dict[str, int], groups: list[ChannelGroup]
         if group.size < multiple or group.name not in counts:
             continue
         keep = group.size - counts[group.name]
-        keep = min(group.size, max(multiple, int(np.floor(keep / multiple + 0.5)) * multiple))
+        keep = min(group.size, max(multiple, _round(keep / multiple) * multiple))
         adjusted[group.name] = group.size - keep
     return adjusted
 
