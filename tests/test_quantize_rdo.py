@@ -104,13 +104,14 @@ def test_gptq_with_uncorrelated_inputs_is_plain_rounding() -> None:
 def test_gptq_lowers_the_layer_output_error() -> None:
     # Correlated inputs (like neighbouring pixels): error feedback pays off.
     x = RNG.normal(size=(4000, 24)) @ (np.eye(24) + 0.9 * RNG.normal(size=(24, 24)) / 5)
-    x[:, 5] = 0.0  # a dead input: its weights go to level 0
+    x[:, 5] = 0.0  # a dead input: its weights are rounded to nearest (or zeroed on request)
     h = x.T @ x
     w = RNG.normal(size=(16, 24))
     step = 0.2
     levels = gptq_round(w, h, step)
     plain = np.rint(w / step)
-    assert (levels[:, 5] == 0).all()
+    np.testing.assert_array_equal(levels[:, 5], plain[:, 5])
+    assert (gptq_round(w, h, step, zero_dead=True)[:, 5] == 0).all()
     err_gptq = np.square(x @ (w - levels * step).T).sum()
     err_plain = np.square(x @ (w - plain * step).T).sum()
     assert err_gptq < 0.7 * err_plain
@@ -215,3 +216,12 @@ def test_compensated_weights_are_coded_exactly(resnet) -> None:
         step = float(step_for_qp(own.qp))
         levels = planned[name].array.astype(np.float64) / step
         assert np.abs(levels - np.rint(levels)).max() < 1e-3
+
+
+def test_calibration_without_a_runner_falls_back_to_data_free(resnet) -> None:
+    model, calibration, _, _ = resnet
+    settings = QuantSettings(qp=-30)
+    other = replace(model, format="safetensors")  # no graph we can run without a callback
+    plan = plan_quantization(other, settings, calibration)
+    assert plan.notes and not plan.compensated
+    assert plan.qps == allocate_qps(other, settings)

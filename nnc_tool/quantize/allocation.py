@@ -235,6 +235,7 @@ class QuantPlan:
     settings: dict[str, QuantSettings]
     qps: dict[str, int] = field(default_factory=dict)
     compensated: list[str] = field(default_factory=list)  # tensors quantized with error feedback
+    notes: list[str] = field(default_factory=list)  # e.g. why calibration data went unused
 
     def settings_for(self, tensor: Tensor, default: QuantSettings) -> QuantSettings:
         return self.settings.get(tensor.name, default)
@@ -262,6 +263,10 @@ def plan_quantization(
     if settings.lossless or settings.bits is not None:
         return QuantPlan(model, {})
     calibrated = calibration is not None and np.asarray(calibration).size > 0
+    notes: list[str] = []
+    if calibrated and run_model is None and model.format != "onnx":
+        notes.append(f"calibration data unused: measuring a {model.format} model needs a run_model callback")
+        calibrated = False
     hessians: dict[str, _LayerHessian] = {}
     # Per-channel steps are re-derived from each row's peak when coding, which error feedback
     # moves: only per-tensor steps keep compensated values exactly on their grid.
@@ -275,7 +280,7 @@ def plan_quantization(
         )
     per_tensor = tensor_settings(model, settings, qps)
     if not hessians:
-        return QuantPlan(model, per_tensor, qps)
+        return QuantPlan(model, per_tensor, qps, notes=notes)
 
     tensors, compensated = [], []
     for t in model.tensors:
@@ -284,7 +289,7 @@ def plan_quantization(
             tensors.append(t)
             continue
         own = per_tensor.get(t.name, settings)
-        steps, step_qps = choose_steps(t.array.astype(np.float32), t.role, own)
+        steps, _ = choose_steps(t.array.astype(np.float32), t.role, own)
         reconstruction = lh.quantize(t.array, steps)
         if reconstruction is None:
             tensors.append(t)
@@ -293,7 +298,7 @@ def plan_quantization(
         # The values already lie on the grid: code them as they are.
         per_tensor[t.name] = replace(own, rdo=0.0)
         compensated.append(t.name)
-    return QuantPlan(replace(model, tensors=tensors), per_tensor, qps, compensated)
+    return QuantPlan(replace(model, tensors=tensors), per_tensor, qps, compensated, notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +324,18 @@ def run_onnx(model: Model, x: np.ndarray) -> np.ndarray:
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise ValueError(f"calibration supports models with one input; this one has {len(inputs)}")
-    return np.asarray(session.run(None, {inputs[0].name: np.asarray(x, dtype=np.float32)})[0])
+    return np.asarray(session.run(None, {inputs[0].name: _as_input(x, inputs[0].type)})[0])
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+}
+
+
+def _as_input(x: np.ndarray, ort_type: str) -> np.ndarray:
+    """Calibration inputs in the dtype the model's input declares (float32 if unknown)."""
+    return np.ascontiguousarray(x, dtype=_ORT_TYPES.get(ort_type, np.float32))
 
 
 def _threads() -> int:
@@ -420,7 +436,8 @@ def layer_hessians(model: Model, calibration: np.ndarray) -> dict[str, _LayerHes
     for name in extra:
         proto.graph.output.append(helper.make_empty_tensor_value_info(name))
     session = _session(proto.SerializeToString(), _threads())
-    x = np.asarray(calibration, dtype=np.float32)
+    declared = {i.name: i.type for i in session.get_inputs()}
+    x = _as_input(calibration, declared.get(graph_inputs[0], "tensor(float)"))
     values = dict(zip((o.name for o in session.get_outputs()), session.run(None, {graph_inputs[0]: x})))
     values[graph_inputs[0]] = x
 
