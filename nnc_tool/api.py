@@ -138,9 +138,10 @@ def compress_model(
     ]
     reports = []
     for tensor in model.tensors:
-        unit = container.frame_unit(UnitType.DATA, encode_tensor(tensor, plan.settings_for(tensor, options)))
+        payload = encode_tensor(tensor, plan.settings_for(tensor, options))
+        unit = container.frame_unit(UnitType.DATA, payload)
         parts.append(unit)
-        reports.append(_describe_data_unit(memoryview(unit)[5:-4], len(unit)))
+        reports.append(_describe_data_unit(memoryview(payload), len(unit)))
     return b"".join(parts), reports
 
 
@@ -196,7 +197,7 @@ def encode(
         format=model.format,
         original_bytes=original_bytes,
         bitstream_bytes=len(data),
-        topology_bytes=len(container.topology_payload(model.topology)),
+        topology_bytes=_topology_unit_size(data),
         tensor_count=len(model.tensors),
         parameter_count=model.parameter_count,
         seconds=time.perf_counter() - started,
@@ -286,6 +287,11 @@ def _side_units(units: list[container.Unit]) -> tuple[dict, bytes]:
     if parameters.get("format") not in FORMATS:
         raise BitstreamError(None, f"bitstream holds an unknown model format {parameters.get('format')!r}")
     return parameters, container.parse_topology(units[1].payload)
+
+
+def _topology_unit_size(data: bytes) -> int:
+    """Payload size of the (already compressed) topology unit, read back instead of compressing again."""
+    return next(len(u.payload) for u in container.iter_units(data) if u.type == UnitType.TOPOLOGY)
 
 
 def _describe_data_unit(payload: memoryview, unit_size: int) -> TensorReport:
