@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .quantize.allocation import plan_quantization
 from .quantize.uniform import QuantSettings, effective_nonweight_qp
 
 EncodeOptions = QuantSettings
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -106,11 +108,13 @@ def compress_model(
     options: EncodeOptions | None = None,
     original_bytes: int = 0,
     calibration: np.ndarray | None = None,
+    progress: Progress | None = None,
 ) -> tuple[bytes, list[TensorReport]]:
     """Code an in-memory model into a complete bitstream.
 
     The quantization plan gives each tensor its own QP (sensitivity allocation) and, with
     `calibration` inputs on ONNX models, error-compensated levels (see quantize/allocation.py).
+    `progress(done, total)` is called after each tensor is coded.
     """
     options = options or EncodeOptions()
     plan = plan_quantization(model, options, calibration)
@@ -137,11 +141,13 @@ def compress_model(
         container.frame_unit(UnitType.TOPOLOGY, container.topology_payload(model.topology)),
     ]
     reports = []
-    for tensor in model.tensors:
+    for index, tensor in enumerate(model.tensors):
         payload = encode_tensor(tensor, plan.settings_for(tensor, options))
         unit = container.frame_unit(UnitType.DATA, payload)
         parts.append(unit)
         reports.append(_describe_data_unit(memoryview(payload), len(unit)))
+        if progress is not None:
+            progress(index + 1, len(model.tensors))
     return b"".join(parts), reports
 
 
@@ -166,6 +172,7 @@ def encode(
     pruning: PruneConfig | None = None,
     fold_batchnorm: bool = True,
     calibration: np.ndarray | None = None,
+    progress: Progress | None = None,
 ) -> EncodeReport:
     """Compress a model file into an nnc bitstream written atomically to `output_path`.
 
@@ -174,7 +181,7 @@ def encode(
     `fold_batchnorm` folds ONNX
     BatchNormalization nodes into the preceding layer first (the decoded model computes the same
     function with fewer tensors; never with `lossless`). With `output_path=None` nothing is
-    written (useful for measuring sizes).
+    written (useful for measuring sizes). `progress(done, total)` is called after each tensor is coded.
     """
     started = time.perf_counter()
     model_path = Path(model_path)
@@ -188,7 +195,7 @@ def encode(
     folded = 0
     if fold_batchnorm and not (options or EncodeOptions()).lossless:
         model, folded = fold_batchnorms(model)
-    data, tensor_reports = compress_model(model, options, original_bytes, calibration)
+    data, tensor_reports = compress_model(model, options, original_bytes, calibration, progress)
     if output_path is not None:
         write_bytes_atomic(output_path, data)
     return EncodeReport(
