@@ -6,11 +6,13 @@
 """
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from .bitstream.primitives import ByteReader
 from .coding.report import stream_entropy_report
 from .coding.tensors import Coding, TensorHeader, decode_tensor, encode_tensor, read_header
 from .errors import BitstreamError, NncError, UsageError
-from .fileio import same_file, write_bytes_atomic
+from .fileio import atomic_output, release_pages, same_file
 from .formats import FORMATS, check_output_suffix, model_files, read_model, write_model
 from .model import Model, TensorRole
 from .prune import PruneConfig, PruneReport, prune
@@ -103,17 +105,30 @@ class StreamInfo:
         return sum(u.size for u in self.units) + container.HEADER_SIZE
 
 
-def compress_model(
+@dataclass
+class StreamSummary:
+    """What `write_bitstream` wrote."""
+
+    bitstream_bytes: int
+    topology_bytes: int  # payload of the (compressed) topology unit
+    tensors: list[TensorReport]
+    model: Model  # the model as coded (after the quantization plan)
+
+
+def write_bitstream(
     model: Model,
+    sink: BinaryIO,
     options: EncodeOptions | None = None,
     original_bytes: int = 0,
     calibration: np.ndarray | None = None,
     progress: Progress | None = None,
-) -> tuple[bytes, list[TensorReport]]:
-    """Code an in-memory model into a complete bitstream.
+) -> StreamSummary:
+    """Code an in-memory model into a complete bitstream written to `sink`, unit by unit.
 
     The quantization plan gives each tensor its own QP (sensitivity allocation) and, with
     `calibration` inputs on ONNX models, error-compensated levels (see quantize/allocation.py).
+    Each data unit goes to `sink` as soon as its tensor is coded, and a file-mapped tensor's
+    pages are released right after, so memory stays near the largest tensor, not the model.
     `progress(done, total)` is called after each tensor is coded.
     """
     options = options or EncodeOptions()
@@ -128,6 +143,7 @@ def compress_model(
             "qp": options.qp,
             "nonweight_qp": effective_nonweight_qp(options),
             "allocate": options.allocate,
+            "error_feedback": options.error_feedback,
             "rdo": options.rdo,
             "bits": options.bits,
             "per_channel": options.per_channel,
@@ -135,20 +151,40 @@ def compress_model(
         },
         "encoder": f"nnc {__version__}",
     }
-    parts = [
+    topology = container.topology_payload(model.topology)
+    written = 0
+    for part in (
         container.stream_header(),
         container.frame_unit(UnitType.PARAMETER_SET, container.parameter_set_payload(parameters)),
-        container.frame_unit(UnitType.TOPOLOGY, container.topology_payload(model.topology)),
-    ]
+        container.frame_unit(UnitType.TOPOLOGY, topology),
+    ):
+        sink.write(part)
+        written += len(part)
     reports = []
     for index, tensor in enumerate(model.tensors):
         payload = encode_tensor(tensor, plan.settings_for(tensor, options))
+        release_pages(tensor.array)
         unit = container.frame_unit(UnitType.DATA, payload)
-        parts.append(unit)
+        sink.write(unit)
+        written += len(unit)
         reports.append(_describe_data_unit(memoryview(payload), len(unit)))
+        del payload, unit
         if progress is not None:
             progress(index + 1, len(model.tensors))
-    return b"".join(parts), reports
+    return StreamSummary(written, len(topology), reports, model)
+
+
+def compress_model(
+    model: Model,
+    options: EncodeOptions | None = None,
+    original_bytes: int = 0,
+    calibration: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> tuple[bytes, list[TensorReport]]:
+    """Code an in-memory model into a complete bitstream (see `write_bitstream`)."""
+    sink = io.BytesIO()
+    summary = write_bitstream(model, sink, options, original_bytes, calibration, progress)
+    return sink.getvalue(), summary.tensors
 
 
 def decompress_model(data: bytes | memoryview) -> Model:
@@ -195,20 +231,22 @@ def encode(
     folded = 0
     if fold_batchnorm and not (options or EncodeOptions()).lossless:
         model, folded = fold_batchnorms(model)
-    data, tensor_reports = compress_model(model, options, original_bytes, calibration, progress)
-    if output_path is not None:
-        write_bytes_atomic(output_path, data)
+    if output_path is None:
+        summary = write_bitstream(model, _CountingSink(), options, original_bytes, calibration, progress)
+    else:
+        with atomic_output(output_path) as tmp, open(tmp, "wb") as sink:
+            summary = write_bitstream(model, sink, options, original_bytes, calibration, progress)
     return EncodeReport(
         input=str(model_path),
         output=None if output_path is None else str(output_path),
         format=model.format,
         original_bytes=original_bytes,
-        bitstream_bytes=len(data),
-        topology_bytes=_topology_unit_size(data),
+        bitstream_bytes=summary.bitstream_bytes,
+        topology_bytes=summary.topology_bytes,
         tensor_count=len(model.tensors),
         parameter_count=model.parameter_count,
         seconds=time.perf_counter() - started,
-        tensors=tensor_reports,
+        tensors=summary.tensors,
         pruning=prune_report,
         folded_batchnorms=folded,
     )
@@ -296,9 +334,15 @@ def _side_units(units: list[container.Unit]) -> tuple[dict, bytes]:
     return parameters, container.parse_topology(units[1].payload)
 
 
-def _topology_unit_size(data: bytes) -> int:
-    """Payload size of the (already compressed) topology unit, read back instead of compressing again."""
-    return next(len(u.payload) for u in container.iter_units(data) if u.type == UnitType.TOPOLOGY)
+class _CountingSink:
+    """A sink that only counts bytes (encode without an output file)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
 
 
 def _describe_data_unit(payload: memoryview, unit_size: int) -> TensorReport:

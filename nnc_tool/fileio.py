@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -49,3 +52,37 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except FileNotFoundError:
         return False
+
+
+def map_file(path: str | os.PathLike) -> mmap.mmap:
+    """The whole file mapped read-only; arrays viewing it load pages on demand.
+
+    Large external weight files are read through such a mapping so a model is never held in
+    memory twice; `release_pages` lets the pipeline drop a tensor's pages once it is coded.
+    """
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return mmap.mmap(-1, 1)  # an empty file cannot be mapped; nothing will be read from it
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the resident pages of an array that views a read-only file mapping (a no-op otherwise).
+
+    Pages of a mapped file count towards the process's resident memory once touched; after a
+    tensor has been coded nothing reads it again, and the kernel reloads the pages should anything
+    do so. Only whole pages inside the array's own range are dropped.
+    """
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if not isinstance(base, mmap.mmap) or not hasattr(base, "madvise") or array.size == 0:
+        return
+    start = array.__array_interface__["data"][0] - np.frombuffer(base, dtype=np.uint8, count=1).__array_interface__["data"][0]
+    end = start + array.nbytes
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if first < last:
+        base.madvise(mmap.MADV_DONTNEED, first, last - first)

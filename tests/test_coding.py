@@ -80,7 +80,7 @@ def test_quantize_is_mid_tread_with_bounded_error() -> None:
     weights = RNG.normal(0, 0.1, (32, 16, 3, 3)).astype(np.float32)
     q = quantize(weights, TensorRole.WEIGHT, plain(qp=-30))
     step = float(2.0**-7.5)
-    assert q.levels.dtype == np.int64
+    assert q.levels.dtype == np.int32
     assert np.abs(q.levels * np.float32(step) - weights).max() <= step / 2 * (1 + 1e-5)
     # values within half a step of zero map to level 0
     assert (q.levels[np.abs(weights) < step / 2 * 0.999] == 0).all()

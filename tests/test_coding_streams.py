@@ -372,3 +372,39 @@ def test_version_is_2_0() -> None:
     data, _ = compress_model(_model())
     assert data[len(container.MAGIC) : len(container.MAGIC) + 2] == bytes((2, 0))
     assert container.HEADER_SIZE == 14
+
+
+@pytest.mark.parametrize("kind", ["binned", "pattern_inner_axis", "fixed"])
+def test_streams_spanning_several_blocks_round_trip(kind: str) -> None:
+    """Large tensors are coded a block at a time; blocks must join seamlessly (and in order)."""
+    n = integers.BLOCK_VALUES * 2 + 12345
+    if kind == "binned":
+        values = np.round(RNG.laplace(0, 30, n)).astype(np.int32)
+        shape = (n,)
+    elif kind == "pattern_inner_axis":
+        rows = 1032
+        # Exactly one of every two vertically adjacent values is non-zero: only patterns along
+        # axis 0 (not the row-major one) see that.
+        upper = RNG.random((rows // 2, n // rows)) < 0.5
+        significant = np.stack([upper, ~upper], axis=1).reshape(rows, -1)
+        values = np.where(significant, RNG.integers(1, 41, significant.shape), 0).astype(np.int32)
+        shape = values.shape
+    else:
+        values = RNG.integers(0, 1 << 13, n).astype(np.int64)  # uniform: fixed width wins
+        shape = (n,)
+    data = encode_integers(values, shape)
+    method = Method(data[0] & 7)
+    expected = {"binned": Method.BINNED, "pattern_inner_axis": Method.PATTERN, "fixed": Method.FIXED}[kind]
+    assert method == expected
+    np.testing.assert_array_equal(decode_integers(data, shape), values.ravel())
+    if kind == "pattern_inner_axis":
+        assert data[1] & 31 == 0  # the pattern axis
+    # Compact input dtypes code to exactly the bytes their int64 widening does.
+    assert data == encode_integers(values.astype(np.int64), shape)
+
+
+def test_fixed_packing_matches_the_general_bit_packer() -> None:
+    fields = RNG.integers(0, 1 << 11, 1000).astype(np.uint64)
+    packed = integers.pack_fixed(fields, 11)
+    assert packed == integers.pack_bits(fields, np.full(1000, 11))
+    np.testing.assert_array_equal(integers.unpack_fixed(packed, 11, 1000), fields)

@@ -1,6 +1,7 @@
 """ONNX reader/writer: exact round trips, roles by consumption, external data, damaged input."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -374,3 +375,38 @@ def test_external_data_outside_model_directory(tmp_path: Path) -> None:
     with pytest.raises(FormatError) as info:
         onnx_format.read(crafted)
     assert info.value.path == str(crafted)
+
+
+def test_external_data_is_mapped_not_copied(tmp_path: Path) -> None:
+    """Externally stored weights are read-only views of the data file, and coding releases their pages."""
+    from nnc_tool.fileio import release_pages
+
+    src = factory.build_external_data(tmp_path / "src")
+    tensor = onnx_format.read(src).tensor_map()["fc.weight"]
+    assert not tensor.array.flags.writeable and not tensor.array.flags.owndata
+    expected = onnx.numpy_helper.to_array(
+        next(t for t in onnx.load_model(src).graph.initializer if t.name == "fc.weight")
+    )
+    np.testing.assert_array_equal(tensor.array, expected)
+    release_pages(tensor.array)  # drops pages, never the data
+    np.testing.assert_array_equal(tensor.array, expected)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc to read the resident set")
+def test_release_pages_lowers_resident_memory(tmp_path: Path) -> None:
+    from nnc_tool.fileio import map_file, release_pages
+
+    data = tmp_path / "w.bin"
+    data.write_bytes(np.arange(8 << 20, dtype=np.float32).tobytes())  # 32 MB
+    array = np.frombuffer(map_file(data), dtype=np.float32)
+
+    def resident_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+    before = resident_mb()
+    assert float(array.sum()) > 0  # touches every page
+    touched = resident_mb()
+    release_pages(array.reshape(1024, -1))
+    assert touched - before > 24
+    assert resident_mb() < touched - 24
+    release_pages(np.zeros(10))  # plain memory: nothing to do

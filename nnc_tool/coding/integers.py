@@ -171,10 +171,26 @@ def _model_bits(model: _ValueModel, span: np.ndarray) -> np.ndarray:
     return np.log2(counts.sum() / frequency) + shift
 
 
+# Integer dtypes coded as they are; anything else (bool, uint64) is widened to int64 first.
+# Every step that computes with the values works on blocks of BLOCK_VALUES widened to int64,
+# so a large tensor's levels stay in their compact dtype.
+_COMPACT = frozenset(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64))
+BLOCK_VALUES = 1 << 20
+
+
+# FIXED packing expands every value to 64 bits on the way: smaller blocks (a multiple of 8 values).
+_FIXED_BLOCK = 1 << 18
+
+
+def _blocks(size: int, block: int = BLOCK_VALUES) -> range:
+    return range(0, size, block)
+
+
 def _prepare(values: np.ndarray, shape) -> tuple[np.ndarray, tuple[int, ...]]:
     values = np.asarray(values)
     shape = tuple(values.shape) if shape is None else tuple(int(d) for d in shape)
-    flat = np.ascontiguousarray(values, dtype=np.int64).ravel()
+    dtype = values.dtype if values.dtype in _COMPACT else np.dtype(np.int64)
+    flat = np.ascontiguousarray(values, dtype=dtype).ravel()
     if flat.size != math.prod(shape):
         raise ValueError(f"{flat.size} values do not fill shape {shape}")
     return flat, shape
@@ -213,7 +229,9 @@ def _plan(flat: np.ndarray, shape: tuple[int, ...]) -> list[_Plan]:
 def _histogram(flat: np.ndarray, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
     """Distinct values (int64, ascending) and how often each occurs."""
     if high - low <= 4 * flat.size + 1024:
-        counts = np.bincount(flat - low)
+        counts = np.zeros(high - low + 1, dtype=np.int64)
+        for start in _blocks(flat.size):
+            counts += np.bincount(flat[start : start + BLOCK_VALUES].astype(np.int64) - low, minlength=counts.size)
         present = np.flatnonzero(counts)
         return present.astype(np.int64) + low, counts[present].astype(np.int64)
     values, counts = np.unique(flat, return_counts=True)
@@ -239,8 +257,11 @@ def _encode_fixed(flat: np.ndarray, low: int, width: int) -> bytes:
         writer.u8(width)
     writer.svarint(low)
     if width:
-        offsets = (flat.astype(np.uint64) - np.uint64(low & 0xFFFFFFFFFFFFFFFF)).astype(np.uint64)
-        writer.raw(pack_bits(offsets, np.full(flat.size, width, dtype=np.int64)))
+        # Blocks of a multiple of 8 values end on a byte boundary, so packed blocks concatenate.
+        for start in _blocks(flat.size, _FIXED_BLOCK):
+            block = flat[start : start + _FIXED_BLOCK]
+            offsets = block.astype(np.int64).astype(np.uint64) - np.uint64(low & 0xFFFFFFFFFFFFFFFF)
+            writer.raw(pack_fixed(offsets, width))
     return writer.getvalue()
 
 
@@ -260,7 +281,7 @@ def _decode_fixed(reader: ByteReader, parameter: int, count: int, stats: StreamS
     stats.payload_bytes += nbytes
     stats.ideal_bits += count * width
     stats.empirical_bits += count * width
-    offsets = unpack_bits(packed, np.full(count, width, dtype=np.int64))
+    offsets = unpack_fixed(packed, width, count)
     return (offsets + np.uint64(low & 0xFFFFFFFFFFFFFFFF)).view(np.int64)
 
 
@@ -525,17 +546,33 @@ def _read_value_model(reader: ByteReader, b: int) -> _ReadModel:
     return _ReadModel(center, b, lo, counts)
 
 
+class _SymbolMapper:
+    """(bin symbols, low-bit counts, low bits) of values under a value model, a block at a time.
+
+    When the values span a range no wider than their count, each distinct value is mapped once
+    into a table and blocks gather from it: much cheaper than per-value bit lengths.
+    """
+
+    def __init__(self, model: _ValueModel, low: int, high: int, count: int) -> None:
+        self._model = model
+        self._low = low
+        self._table = None
+        if count > 4096 and high - low <= count:
+            symbols, shift, low_bits = _value_symbols_direct(np.arange(low, high + 1, dtype=np.int64), model)
+            self._table = (symbols.astype(np.int32), shift.astype(np.int8), low_bits)
+
+    def __call__(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._table is None:
+            return _value_symbols_direct(values.astype(np.int64), self._model)
+        index = values.astype(np.int64) - self._low
+        symbols, shift, low_bits = self._table
+        return symbols[index], shift[index], low_bits[index]
+
+
 def _value_symbols(values: np.ndarray, model: _ValueModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(bin symbols, low-bit counts, low bits) of values under a value model."""
-    if values.size > 4096:
-        low, high = int(values.min()), int(values.max())
-        if high - low <= values.size:
-            # Map each distinct value once and gather: much cheaper than per-value bit lengths.
-            table = np.arange(low, high + 1, dtype=np.int64)
-            symbols, shift, low_bits = _value_symbols_direct(table, model)
-            index = values - low
-            return symbols[index], shift[index], low_bits[index]
-    return _value_symbols_direct(values, model)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    return _SymbolMapper(model, low, high, values.size)(values)
 
 
 def _value_symbols_direct(values: np.ndarray, model: _ValueModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -567,29 +604,48 @@ def _values_from_symbols(symbols: np.ndarray, low_bits: np.ndarray, tables) -> n
 
 
 class _AnsWriter:
-    """Collects (symbols, model) parts in decoding order; pushes them in reverse."""
+    """Collects parts in decoding order; pushes them in reverse.
+
+    A part is produced a block at a time (`make(i)` for block i of `blocks`), so a large
+    tensor's symbols never exist all at once: the stack coder takes the blocks last to first.
+    """
 
     def __init__(self) -> None:
         self._parts: list[tuple] = []
 
     def categorical(self, symbols: np.ndarray, counts: np.ndarray | None) -> None:
-        if counts is not None and symbols.size:
-            self._parts.append(("categorical", symbols.astype(np.int32), counts.astype(np.float64)))
+        self.categorical_blocks(1, lambda _: symbols, counts)
+
+    def categorical_blocks(self, blocks: int, make, counts: np.ndarray | None) -> None:
+        if counts is not None and blocks:
+            self._parts.append(("categorical", blocks, make, counts.astype(np.float64)))
 
     def low_bits(self, fields: np.ndarray, widths: np.ndarray) -> None:
-        chunks, sizes = _chunks(fields, widths)
-        if chunks.size:
-            self._parts.append(("uniform", chunks, sizes))
+        self.low_bits_blocks(1, lambda _: (fields, widths))
+
+    def low_bits_blocks(self, blocks: int, make) -> None:
+        """`make(i)` returns block i's (fields, widths)."""
+        if blocks:
+            self._parts.append(("uniform", blocks, make, None))
 
     def getvalue(self) -> bytes:
-        if not self._parts:
-            return b""
         coder = _AnsCoder()
-        for kind, symbols, parameter in reversed(self._parts):
-            if kind == "categorical":
-                coder.encode_reverse(symbols, _Categorical(parameter, perfect=False))
-            else:
-                coder.encode_reverse(symbols, _UNIFORM, parameter)
+        pushed = False
+        for kind, blocks, make, counts in reversed(self._parts):
+            model = _Categorical(counts, perfect=False) if kind == "categorical" else None
+            for i in reversed(range(blocks)):
+                if kind == "categorical":
+                    symbols = np.asarray(make(i))
+                    if symbols.size:
+                        coder.encode_reverse(symbols.astype(np.int32, copy=False), model)
+                        pushed = True
+                else:
+                    chunks, sizes = _chunks(*make(i))
+                    if chunks.size:
+                        coder.encode_reverse(chunks, _UNIFORM, sizes)
+                        pushed = True
+        if not pushed:
+            return b""
         raw = coder.get_compressed().astype("<u4").tobytes()
         # The last word's high zero bytes are implied (the decoder pads to whole words).
         trim = 0
@@ -686,12 +742,28 @@ def _build_binned(flat: np.ndarray, model: _ValueModel) -> bytes:
     writer = ByteWriter()
     writer.u8(Method.BINNED | (model.b << 3))
     _write_value_model(writer, model)
-    symbols, shift, low_bits = _value_symbols(flat, model)
-    ans = _AnsWriter()
-    ans.categorical(symbols, count_value(model.codes, model.r) if model.size > 1 else None)
-    ans.low_bits(low_bits, shift)
-    writer.raw(ans.getvalue())
+    writer.raw(_value_payload(flat, model, _AnsWriter()))
     return writer.getvalue()
+
+
+def _value_payload(values: np.ndarray, model: _ValueModel, ans: _AnsWriter) -> bytes:
+    """The ANS payload of `ans`'s parts so far followed by `values` under a value model."""
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    mapper = _SymbolMapper(model, low, high, values.size)
+    blocks = _blocks(values.size)
+
+    def block(i: int) -> np.ndarray:
+        return values[blocks[i] : blocks[i] + BLOCK_VALUES]
+
+    if model.size > 1:
+        ans.categorical_blocks(len(blocks), lambda i: mapper(block(i))[0], count_value(model.codes, model.r))
+
+    def low_bits(i: int) -> tuple[np.ndarray, np.ndarray]:
+        _, shift, bits = mapper(block(i))
+        return bits, shift
+
+    ans.low_bits_blocks(len(blocks), low_bits)
+    return ans.getvalue()
 
 
 def _decode_binned(reader: ByteReader, b: int, count: int, stats: StreamStats) -> np.ndarray:
@@ -774,8 +846,7 @@ def _plan_pattern(flat: np.ndarray, shape: tuple[int, ...], histogram, bound: fl
         return None
     best = None
     for _, axis, group in sorted(layouts)[:2]:
-        patterns, _ = _patterns(sig, axis, group)
-        cost, r, k, codes = _pattern_table_cost(np.bincount(patterns, minlength=1 << group))
+        cost, r, k, codes = _pattern_table_cost(_count_patterns(sig, axis, group))
         if best is None or cost < best[0]:
             best = (cost, axis, group, r, k, codes)
     cost, axis, group, r, k, codes = best
@@ -820,23 +891,46 @@ def _pattern_table_cost(pattern_counts: np.ndarray) -> tuple[float, int, int, np
     return best
 
 
+def _lines(array: np.ndarray, axis: int) -> np.ndarray:
+    """The tensor as lines along `axis`, in scan order (a view when `axis` is the last one)."""
+    moved = np.moveaxis(array, axis, -1)
+    return moved.reshape(-1, moved.shape[-1]) if moved.ndim else moved.reshape(1, 1)
+
+
+def _pattern_blocks(lines: np.ndarray, group: int) -> tuple[int, object]:
+    """(block count, make(i)) of the pattern symbols of significance `lines`, a block of lines at a time."""
+    per_block = max(1, BLOCK_VALUES // max(lines.shape[1], 1))
+    starts = range(0, lines.shape[0], per_block)
+
+    def make(i: int) -> np.ndarray:
+        part = lines[starts[i] : starts[i] + per_block]
+        return _patterns(part != 0, 1, group)[0]
+
+    return len(starts), make
+
+
+def _count_patterns(values: np.ndarray, axis: int, group: int) -> np.ndarray:
+    """How often each pattern occurs along `axis` in groups of `group` (2^group entries)."""
+    blocks, make = _pattern_blocks(_lines(values, axis), group)
+    counts = np.zeros(1 << group, dtype=np.int64)
+    for i in range(blocks):
+        counts += np.bincount(make(i), minlength=1 << group)
+    return counts
+
+
 def _build_pattern(flat, shape, axis, group, r, k, codes, nz_model: _ValueModel) -> bytes:
     writer = ByteWriter()
     writer.u8(Method.PATTERN | (nz_model.b << 3))
     writer.u8(axis | ((group - MIN_GROUP) << 5))
     _write_table(writer, codes, r, k)
     _write_value_model(writer, nz_model)
-    sig = (flat != 0).reshape(shape)
-    patterns, _ = _patterns(sig, axis, group)
-    scanned = flat[_scan_order(shape, axis)]
-    nonzero = scanned[scanned != 0]
-    nonzero = nonzero - (nonzero > 0)
-    symbols, shift, low_bits = _value_symbols(nonzero, nz_model)
+    lines = _lines(flat.reshape(shape), axis)
+    scanned = lines.ravel()  # a copy only when lines run along an inner axis
+    nonzero = scanned[scanned != 0].astype(np.int64)
+    nonzero -= nonzero > 0
     ans = _AnsWriter()
-    ans.categorical(patterns, count_value(codes, r))
-    ans.categorical(symbols, count_value(nz_model.codes, nz_model.r) if nz_model.size > 1 else None)
-    ans.low_bits(low_bits, shift)
-    writer.raw(ans.getvalue())
+    ans.categorical_blocks(*_pattern_blocks(lines, group), count_value(codes, r))
+    writer.raw(_value_payload(nonzero, nz_model, ans))
     return writer.getvalue()
 
 
@@ -892,6 +986,32 @@ def pack_bits(fields: np.ndarray, widths: np.ndarray) -> bytes:
     shift = (widths[owners] - 1 - position).astype(np.uint64)
     bits = ((fields[owners] >> shift) & np.uint64(1)).astype(np.uint8)
     return np.packbits(bits).tobytes()
+
+
+def pack_fixed(fields: np.ndarray, width: int) -> bytes:
+    """`pack_bits` with every field `width` bits wide, without per-bit index arrays."""
+    if width == 0 or not len(fields):
+        return b""
+    # Each field's 64 bits, most significant first; keep the low `width` of them.
+    bits = np.unpackbits(np.asarray(fields, dtype=">u8").view(np.uint8).reshape(-1, 8), axis=1)
+    return np.packbits(bits[:, 64 - width :]).tobytes()
+
+
+def unpack_fixed(packed: memoryview | bytes, width: int, count: int) -> np.ndarray:
+    """Inverse of `pack_fixed` (uint64 fields), a block of fields at a time."""
+    fields = np.zeros(count, dtype=np.uint64)
+    if width == 0 or count == 0:
+        return fields
+    data = np.frombuffer(packed, dtype=np.uint8)
+    for start in _blocks(count, _FIXED_BLOCK):
+        n = min(_FIXED_BLOCK, count - start)
+        first_bit = start * width
+        chunk = data[first_bit // 8 : (first_bit + n * width + 7) // 8]
+        bits = np.unpackbits(chunk)[: n * width].reshape(n, width)
+        wide = np.zeros((n, 64), dtype=np.uint8)
+        wide[:, 64 - width :] = bits
+        fields[start : start + n] = np.packbits(wide, axis=1).view(">u8").ravel()
+    return fields
 
 
 def unpack_bits(packed: memoryview | bytes, widths: np.ndarray) -> np.ndarray:

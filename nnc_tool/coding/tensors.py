@@ -62,7 +62,7 @@ def encode_tensor(tensor: Tensor, settings: QuantSettings) -> bytes:
     array = tensor.array
     quantized = None
     if tensor.role != TensorRole.EXACT and tensor.dtype in FLOAT_DTYPES and not settings.lossless:
-        quantized = quantize(array.astype(np.float32), tensor.role, settings)
+        quantized = quantize(array, tensor.role, settings)
     if quantized is not None:
         coding = Coding.QUANTIZED
     elif tensor.dtype not in FLOAT_DTYPES and tensor.dtype != "uint64":
@@ -99,7 +99,7 @@ def encode_tensor(tensor: Tensor, settings: QuantSettings) -> bytes:
             levels = levels.reshape(levels.shape[0], -1)[coded_rows].reshape((-1,) + levels.shape[1:])
         writer.raw(encode_integers(levels))
     elif coding == Coding.INT_VALUES:
-        writer.raw(encode_integers(array.astype(np.int64)))
+        writer.raw(encode_integers(array))
     else:
         planes = _byte_planes(array)
         for plane in planes[:-1]:
@@ -232,7 +232,7 @@ def _byte_planes(array: np.ndarray) -> list[np.ndarray]:
     little = np.ascontiguousarray(array).view(np.uint8).reshape(array.size, array.dtype.itemsize)
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and np.little_endian is False):
         little = little[:, ::-1]
-    return [little[:, j].astype(np.int64) for j in range(little.shape[1])]
+    return [little[:, j] for j in range(little.shape[1])]
 
 
 def _from_byte_planes(planes: list[np.ndarray], dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

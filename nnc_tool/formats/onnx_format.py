@@ -30,7 +30,7 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 from ..errors import FormatError
-from ..fileio import atomic_output
+from ..fileio import atomic_output, map_file
 from ..model import FLOAT_DTYPES, Model, Tensor, TensorRole, numpy_dtype
 
 FORMAT_NAME = "onnx"
@@ -415,17 +415,76 @@ def _load(path: Path) -> tuple[onnx.ModelProto, bool]:
         raise FormatError(path, "ONNX model has no opset imports (truncated file?)")
 
     external = [t for t in _all_tensors(proto.graph) if external_data_helper.uses_external_data(t)]
-    if external:
-        base = path.parent
-        for tensor in external:
-            location = external_data_helper.ExternalDataInfo(tensor).location
-            if not (base / location).is_file():
-                raise FormatError(path, f"external data file '{location}' (tensor '{tensor.name}') is missing")
-        try:
-            external_data_helper.load_external_data_for_model(proto, os.fspath(base))
-        except Exception as err:  # noqa: BLE001 - onnx raises ValueError, OSError, ValidationError
-            raise FormatError(path, f"damaged external data: {_one_line(err)}") from err
+    for tensor in external:
+        _external_location(tensor, path)  # every problem with the data files surfaces here, early
     return proto, bool(external)
+
+
+def _external_location(tensor: onnx.TensorProto, path: Path) -> tuple[Path, int, int | None]:
+    """(data file, offset, length or None) of an externally stored tensor, validated.
+
+    The location must name an existing file inside the model's directory: a model file must not
+    make us read arbitrary files elsewhere on the machine.
+    """
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    base = path.parent.resolve()
+    target = (base / location).resolve()
+    if not location or Path(location).is_absolute() or base not in target.parents:
+        raise FormatError(path, f"tensor '{tensor.name}' points outside the model's directory ('{location}')")
+    if not target.is_file():
+        raise FormatError(path, f"external data file '{location}' (tensor '{tensor.name}') is missing")
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise FormatError(path, f"tensor '{tensor.name}' has a malformed external data offset or length") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise FormatError(path, f"tensor '{tensor.name}' has a negative external data offset or length")
+    return target, offset, length
+
+
+class _ExternalData:
+    """Read-only mappings of a model's external data files, opened once each."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._maps: dict[Path, object] = {}
+
+    def array(self, tensor: onnx.TensorProto, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """A read-only view of the tensor's bytes in its data file (pages load on first use)."""
+        if self._path is None:
+            raise FormatError(None, f"tensor '{tensor.name}' refers to external data but the model has no path")
+        target, offset, length = _external_location(tensor, self._path)
+        count = int(np.prod(shape, dtype=np.int64))
+        expected = count * dtype.itemsize
+        if length is not None and length != expected:
+            raise FormatError(
+                self._path, f"tensor '{tensor.name}' has {length} bytes of external data, expected {expected}"
+            )
+        mapping = self._mapping(tensor, target, offset, expected)
+        array = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(shape)
+        if sys.byteorder == "big" and dtype.itemsize > 1:
+            array = array.byteswap()  # ONNX data is little-endian; a swapped copy is the price on big-endian hosts
+        return array
+
+    def raw(self, tensor: onnx.TensorProto) -> bytes:
+        """The stored bytes of an externally stored tensor (for tensors kept in the topology)."""
+        if self._path is None:
+            raise FormatError(None, f"tensor '{tensor.name}' refers to external data but the model has no path")
+        target, offset, length = _external_location(tensor, self._path)
+        if length is None:
+            length = target.stat().st_size - offset
+        mapping = self._mapping(tensor, target, offset, length)
+        return bytes(mapping[offset : offset + length])
+
+    def _mapping(self, tensor: onnx.TensorProto, target: Path, offset: int, length: int):
+        mapping = self._maps.get(target)
+        if mapping is None:
+            mapping = self._maps[target] = map_file(target)
+        if length and offset + length > min(len(mapping), target.stat().st_size):
+            raise FormatError(self._path, f"external data file '{target.name}' is too short for tensor '{tensor.name}'")
+        return mapping
 
 
 def external_files(path: Path) -> list[Path]:
@@ -439,9 +498,11 @@ def external_files(path: Path) -> list[Path]:
     return [path.parent / loc for loc in sorted(locations) if (path.parent / loc).is_file()]
 
 
-def _to_array(tensor: onnx.TensorProto, path: Path) -> np.ndarray:
+def _to_array(tensor: onnx.TensorProto, path: Path | None, external: _ExternalData) -> np.ndarray:
     dtype = numpy_dtype(_ONNX_DTYPES[tensor.data_type])
     count = int(np.prod(tensor.dims, dtype=np.int64))
+    if external_data_helper.uses_external_data(tensor):
+        return external.array(tensor, dtype, tuple(int(d) for d in tensor.dims))
     if tensor.raw_data and len(tensor.raw_data) != count * dtype.itemsize:
         raise FormatError(
             path,
@@ -476,12 +537,23 @@ def read(path: Path) -> Model:
 
 
 def from_proto(proto: onnx.ModelProto, metadata: dict[str, str] | None = None, path: Path | None = None) -> Model:
-    """Split an in-memory ModelProto (weights loaded) into topology + tensors. Consumes `proto`."""
+    """Split a ModelProto into topology + tensors. Consumes `proto`.
+
+    Tensors stored in external data files (relative to `path`) become read-only views of those
+    files mapped into memory, so a large model is not copied; inline tensors are copied.
+    """
     analysis = _analyse(proto)
+    external = _ExternalData(path)
     tensors: list[Tensor] = []
     for slot, role in zip(analysis.slots, _roles(analysis)):
-        tensors.append(Tensor(slot.name, _to_array(slot.proto, path), role))
+        tensors.append(Tensor(slot.name, _to_array(slot.proto, path, external), role))
         _strip(slot.proto)
+    # Tensors we do not extract (strings, float8, sparse parts) travel inside the topology.
+    for tensor in _all_tensors(proto.graph):
+        if external_data_helper.uses_external_data(tensor):
+            raw = external.raw(tensor)
+            _strip(tensor)
+            tensor.raw_data = raw
     try:
         topology = proto.SerializeToString()
     except Exception as err:  # noqa: BLE001 - e.g. >2 GB of tensors we do not extract

@@ -69,7 +69,8 @@ def fold_batchnorm(model: Model) -> tuple[Model, int]:
     The input model is not modified. When nothing is folded (or the model is not ONNX) the
     model itself is returned with 0.
     """
-    if model.format != onnx_format.FORMAT_NAME:
+    if model.format != onnx_format.FORMAT_NAME or b"BatchNormalization" not in model.topology:
+        # The topology alone tells: no need to assemble (and copy) every weight.
         return model, 0
     proto = onnx_format.to_proto(model)
     folded = _Folder(proto).run()

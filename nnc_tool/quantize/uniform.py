@@ -89,7 +89,7 @@ def effective_nonweight_qp(settings: QuantSettings) -> int:
 class Quantized:
     """Integer levels plus the steps that map them back (one step, or one per output channel)."""
 
-    levels: np.ndarray  # int64, the tensor's shape
+    levels: np.ndarray  # int32 (int64 when a level needs it), the tensor's shape
     steps: np.ndarray  # float32, shape [1] or [shape[0]]
     qps: np.ndarray | None  # int16 QP per step when the steps come from QPs, else None
 
@@ -109,12 +109,40 @@ def _channel_view(values: np.ndarray) -> np.ndarray:
     return values.reshape(values.shape[0], -1) if values.ndim >= 1 and values.size else values.reshape(1, -1)
 
 
-def choose_steps(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pick the step(s) for a float32 tensor; returns (steps, qps or None)."""
+# Values per block when a tensor is processed a block of rows at a time: temporaries stay a few
+# MB however large the tensor (a 32 M-value embedding table would otherwise need ~1 GB of them).
+BLOCK_VALUES = 1 << 20
+
+
+def row_blocks(rows: np.ndarray) -> range:
+    """Start rows of blocks of about BLOCK_VALUES values (use with `rows[start : start + block_rows(rows)]`)."""
+    return range(0, rows.shape[0], block_rows(rows))
+
+
+def block_rows(rows: np.ndarray) -> int:
+    return max(1, BLOCK_VALUES // max(rows.shape[1], 1))
+
+
+def _row_peaks(rows: np.ndarray) -> np.ndarray:
+    """max |value| per row (NaN if a row holds NaN, inf if it holds inf)."""
+    if not rows.size:
+        return np.zeros(max(rows.shape[0], 1), dtype=np.float32)
+    step = block_rows(rows)
+    return np.concatenate([np.abs(rows[start : start + step]).max(axis=1) for start in row_blocks(rows)])
+
+
+def choose_steps(
+    values: np.ndarray, role: TensorRole, settings: QuantSettings, row_peaks: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pick the step(s) for a float32 tensor; returns (steps, qps or None).
+
+    `row_peaks` (max |value| per first-axis row) may be passed when already known.
+    """
     per_channel = settings.per_channel and role == TensorRole.WEIGHT and values.ndim >= 2
     base_qp = settings.qp if role == TensorRole.WEIGHT else effective_nonweight_qp(settings)
     rows = _channel_view(values)
-    row_peaks = np.abs(rows).max(axis=1) if rows.size else np.zeros(1)
+    if row_peaks is None:
+        row_peaks = _row_peaks(rows) if rows.size else np.zeros(1)
     peak = float(row_peaks.max()) if row_peaks.size else 0.0
 
     if settings.bits is not None and role == TensorRole.WEIGHT:
@@ -134,20 +162,35 @@ def choose_steps(values: np.ndarray, role: TensorRole, settings: QuantSettings) 
 
 
 def quantize(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> Quantized | None:
-    """Quantize a float tensor; None when it must be coded losslessly instead (non-finite values or a range too wide)."""
-    values = np.asarray(values, dtype=np.float32)
-    if not np.isfinite(values).all():
-        return None
-    steps, qps = choose_steps(values, role, settings)
+    """Quantize a float tensor; None when it must be coded losslessly instead (non-finite values or a range too wide).
+
+    Levels are int32 unless some level needs more; the work runs a block of rows at a time, so
+    a file-mapped tensor is read once and never copied whole.
+    """
+    values = np.asarray(values)
+    if values.dtype != np.float32:
+        values = values.astype(np.float32)
     rows = _channel_view(values)
-    scaled = rows / (steps[:, None] if steps.size > 1 else steps[0])
-    if scaled.size and float(np.abs(scaled).max()) >= MAX_LEVEL:
+    row_peaks = _row_peaks(rows) if rows.size else np.zeros(1, dtype=np.float32)
+    if not np.isfinite(row_peaks).all():
+        return None
+    steps, qps = choose_steps(values, role, settings, row_peaks)
+    row_steps = steps if steps.size > 1 else np.full(rows.shape[0], steps[0], dtype=np.float32)
+    largest = float((row_peaks.astype(np.float64) / row_steps).max()) if rows.size else 0.0
+    if largest >= MAX_LEVEL:
         return None
     if settings.rdo > 0 and role == TensorRole.WEIGHT and values.size >= RDO_MIN_VALUES:
-        levels = rdo_round(scaled, float(settings.rdo)).reshape(values.shape)
-    else:
-        levels = np.rint(scaled).astype(np.int64).reshape(values.shape)
-    return Quantized(levels=levels, steps=steps, qps=qps)
+        # Rate-aware rounding needs the whole tensor's histogram: it works on the tensor at once.
+        scaled = rows / (steps[:, None] if steps.size > 1 else steps[0])
+        return Quantized(levels=rdo_round(scaled, float(settings.rdo)).reshape(values.shape), steps=steps, qps=qps)
+    # +1: rounding may reach the next integer above the largest scaled value.
+    levels = np.empty(rows.shape, dtype=np.int32 if largest + 1 < 2**31 - 1 else np.int64)
+    count = block_rows(rows)
+    for start in row_blocks(rows):
+        part = rows[start : start + count] / (row_steps[start : start + count, None] if steps.size > 1 else steps[0])
+        np.rint(part, out=part)
+        levels[start : start + count] = part
+    return Quantized(levels=levels.reshape(values.shape), steps=steps, qps=qps)
 
 
 def dequantize(levels: np.ndarray, steps: np.ndarray) -> np.ndarray:
