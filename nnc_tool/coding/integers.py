@@ -592,10 +592,14 @@ def _symbol_tables(model: _ReadModel) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return base, shift, signed < 0
 
 
-def _values_from_symbols(symbols: np.ndarray, low_bits: np.ndarray, tables) -> np.ndarray:
+def _values_from_symbols(symbols: np.ndarray, low_bits: np.ndarray | None, tables) -> np.ndarray:
+    """Values of decoded symbols; `low_bits` None when no symbol of the alphabet has any."""
     base, _, negative = tables
-    magnitudes = base[symbols] + low_bits.astype(np.int64)
-    return np.where(negative[symbols], -magnitudes, magnitudes)
+    signed_base = np.where(negative, -base, base)
+    if low_bits is None:
+        return signed_base[symbols]
+    sign = np.where(negative, -1, 1)
+    return signed_base[symbols] + sign[symbols] * low_bits.astype(np.int64)
 
 
 # =========================================================================================
@@ -773,7 +777,7 @@ def _decode_binned(reader: ByteReader, b: int, count: int, stats: StreamStats) -
     ans = _AnsReader(reader.raw(reader.remaining), stats)
     symbols = ans.categorical(model.counts, count)
     tables = _symbol_tables(model)
-    low_bits = ans.low_bits(tables[1][symbols])
+    low_bits = ans.low_bits(tables[1][symbols]) if tables[1].any() else None
     ans.finish()
     return _values_from_symbols(symbols, low_bits, tables) + model.center
 
@@ -858,7 +862,7 @@ def _plan_pattern(flat: np.ndarray, shape: tuple[int, ...], histogram, bound: fl
     return _Plan(total, build, nz_model, zeros / n)
 
 
-def _sample(sig: np.ndarray, axis: int, target: int = 1 << 18) -> np.ndarray:
+def _sample(sig: np.ndarray, axis: int, target: int = 1 << 16) -> np.ndarray:
     """A leading slice of a large tensor (whole lines along `axis`) to rank PATTERN layouts on."""
     if sig.size <= 2 * target:
         return sig
@@ -957,7 +961,7 @@ def _decode_pattern(reader: ByteReader, b: int, shape: tuple[int, ...], stats: S
     nonzero_count = int(sig.sum())
     symbols = ans.categorical(model.counts, nonzero_count)
     tables = _symbol_tables(model)
-    low_bits = ans.low_bits(tables[1][symbols])
+    low_bits = ans.low_bits(tables[1][symbols]) if tables[1].any() else None
     ans.finish()
     nonzero = _values_from_symbols(symbols, low_bits, tables) + model.center
     nonzero = nonzero + (nonzero >= 0)
