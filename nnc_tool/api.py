@@ -10,7 +10,7 @@ import io
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,7 +28,8 @@ from .formats import FORMATS, check_output_suffix, model_files, read_model, writ
 from .model import Model, TensorRole
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorm as fold_batchnorms
-from .quantize.allocation import plan_quantization
+from .quantize.allocation import plan_quantization, run_onnx
+from .ratecontrol import RateControlReport, RateTarget, Trial, search_qp
 from .quantize.uniform import QuantSettings, effective_nonweight_qp
 
 EncodeOptions = QuantSettings
@@ -62,6 +63,8 @@ class EncodeReport:
     tensors: list[TensorReport] = field(default_factory=list)
     pruning: PruneReport | None = None
     folded_batchnorms: int = 0
+    qp: int | None = None  # the weight QP used (chosen by rate control when a target was given)
+    rate_control: RateControlReport | None = None
 
     @property
     def ratio(self) -> float:
@@ -122,6 +125,7 @@ def write_bitstream(
     original_bytes: int = 0,
     calibration: np.ndarray | None = None,
     progress: Progress | None = None,
+    plan_cache: dict | None = None,
 ) -> StreamSummary:
     """Code an in-memory model into a complete bitstream written to `sink`, unit by unit.
 
@@ -129,10 +133,11 @@ def write_bitstream(
     `calibration` inputs on ONNX models, error-compensated levels (see quantize/allocation.py).
     Each data unit goes to `sink` as soon as its tensor is coded, and a file-mapped tensor's
     pages are released right after, so memory stays near the largest tensor, not the model.
-    `progress(done, total)` is called after each tensor is coded.
+    `progress(done, total)` is called after each tensor is coded; `plan_cache` (see
+    `plan_quantization`) lets repeated calls on the same model and data skip calibration work.
     """
     options = options or EncodeOptions()
-    plan = plan_quantization(model, options, calibration)
+    plan = plan_quantization(model, options, calibration, cache=plan_cache)
     model = plan.model
     parameters = {
         "format": model.format,
@@ -180,10 +185,11 @@ def compress_model(
     original_bytes: int = 0,
     calibration: np.ndarray | None = None,
     progress: Progress | None = None,
+    plan_cache: dict | None = None,
 ) -> tuple[bytes, list[TensorReport]]:
     """Code an in-memory model into a complete bitstream (see `write_bitstream`)."""
     sink = io.BytesIO()
-    summary = write_bitstream(model, sink, options, original_bytes, calibration, progress)
+    summary = write_bitstream(model, sink, options, original_bytes, calibration, progress, plan_cache)
     return sink.getvalue(), summary.tensors
 
 
@@ -209,6 +215,8 @@ def encode(
     fold_batchnorm: bool = True,
     calibration: np.ndarray | None = None,
     progress: Progress | None = None,
+    target: RateTarget | None = None,
+    evaluation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> EncodeReport:
     """Compress a model file into an nnc bitstream written atomically to `output_path`.
 
@@ -218,6 +226,11 @@ def encode(
     BatchNormalization nodes into the preceding layer first (the decoded model computes the same
     function with fewer tensors; never with `lossless`). With `output_path=None` nothing is
     written (useful for measuring sizes). `progress(done, total)` is called after each tensor is coded.
+
+    `target` (rate control) replaces `options.qp` by the QP that meets it: the finest QP whose
+    bitstream fits a size or ratio target, the coarsest whose decoded model keeps an output SNR
+    on `calibration` inputs or an accuracy on `evaluation` = (inputs, labels). Quality targets
+    run the model in onnxruntime, so they need an ONNX model.
     """
     started = time.perf_counter()
     model_path = Path(model_path)
@@ -231,11 +244,17 @@ def encode(
     folded = 0
     if fold_batchnorm and not (options or EncodeOptions()).lossless:
         model, folded = fold_batchnorms(model)
+    options = options or EncodeOptions()
+    plan_cache: dict = {}
+    rate_report = None
+    if target is not None:
+        rate_report = _control_rate(model, model_path, options, target, original_bytes, calibration, evaluation, plan_cache)
+        options = replace(options, qp=rate_report.chosen_qp)
     if output_path is None:
-        summary = write_bitstream(model, _CountingSink(), options, original_bytes, calibration, progress)
+        summary = write_bitstream(model, _CountingSink(), options, original_bytes, calibration, progress, plan_cache)
     else:
         with atomic_output(output_path) as tmp, open(tmp, "wb") as sink:
-            summary = write_bitstream(model, sink, options, original_bytes, calibration, progress)
+            summary = write_bitstream(model, sink, options, original_bytes, calibration, progress, plan_cache)
     return EncodeReport(
         input=str(model_path),
         output=None if output_path is None else str(output_path),
@@ -249,7 +268,55 @@ def encode(
         tensors=summary.tensors,
         pruning=prune_report,
         folded_batchnorms=folded,
+        qp=options.qp,
+        rate_control=rate_report,
     )
+
+
+def _control_rate(
+    model: Model,
+    model_path: Path,
+    options: EncodeOptions,
+    target: RateTarget,
+    original_bytes: int,
+    calibration: np.ndarray | None,
+    evaluation: tuple[np.ndarray, np.ndarray] | None,
+    plan_cache: dict,
+) -> RateControlReport:
+    if options.lossless or options.bits is not None:
+        raise UsageError(None, "rate control chooses the QP: it does not combine with lossless or --bits")
+    inputs = labels = None
+    if target.snr_db is not None:
+        if calibration is None:
+            raise UsageError(None, "an SNR target needs calibration inputs (--calib) to measure the output on")
+        inputs = np.asarray(calibration)
+    elif target.max_accuracy_drop is not None:
+        if evaluation is None or evaluation[1] is None:
+            raise UsageError(None, "an accuracy target needs labelled data (--data with 'x' and 'y')")
+        inputs, labels = evaluation
+    if inputs is not None and model.format != "onnx":
+        raise UsageError(model_path, f"quality targets run the model in onnxruntime; this is a {model.format} model")
+    reference = None if inputs is None else run_onnx(model, inputs)
+
+    def top1(outputs: np.ndarray) -> float:
+        return 100.0 * float((outputs.reshape(len(outputs), -1).argmax(axis=1) == labels.reshape(-1)).mean())
+
+    def measure(qp: int) -> Trial:
+        data, _ = compress_model(model, replace(options, qp=qp), original_bytes, calibration, plan_cache=plan_cache)
+        trial = Trial(qp, len(data))
+        if reference is not None:
+            outputs = run_onnx(decompress_model(data), inputs)
+            noise = float(np.sum((outputs.astype(np.float64) - reference) ** 2))
+            signal = float(np.sum(reference.astype(np.float64) ** 2))
+            trial.snr_db = float("inf") if noise == 0 else 10.0 * float(np.log10(signal / noise))
+            if labels is not None:
+                trial.accuracy = top1(outputs)
+        return trial
+
+    try:
+        return search_qp(target, measure, original_bytes, None if labels is None else top1(reference))
+    except UsageError as err:
+        raise UsageError(model_path, err.problem) from None
 
 
 def decode(bitstream_path: str | os.PathLike, output_path: str | os.PathLike) -> DecodeReport:

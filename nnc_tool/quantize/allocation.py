@@ -260,13 +260,16 @@ def plan_quantization(
     allocate: bool | None = None,
     error_feedback: bool | None = None,
     sensitivities: dict[str, float] | None = None,
+    cache: dict | None = None,
 ) -> QuantPlan:
     """Per-tensor QPs (allocate) and, for ONNX models with calibration data, GPTQ error feedback.
 
     `allocate` / `error_feedback` default to the settings' fields. `run_model(model, x)` returns
     the first output for a batch (only used with calibration data; ONNX models default to
     onnxruntime). Returns the model unchanged and no per-tensor settings when there is nothing
-    to do (lossless, `bits` mode, allocate=False without calibration).
+    to do (lossless, `bits` mode, allocate=False without calibration). `cache` (a dict the
+    caller keeps) holds what depends on the model and calibration data but not on the QP
+    (sensitivities, layer Hessians), so repeated plans at other QPs (rate control) skip them.
     """
     allocate = settings.allocate if allocate is None else allocate
     error_feedback = settings.error_feedback if error_feedback is None else error_feedback
@@ -280,9 +283,16 @@ def plan_quantization(
     hessians: dict[str, _LayerHessian] = {}
     # Per-channel steps are re-derived from each row's peak when coding, which error feedback
     # moves: only per-tensor steps keep compensated values exactly on their grid.
+    cache = {} if cache is None else cache
     if calibrated and error_feedback and model.format == "onnx" and not settings.per_channel:
-        hessians = layer_hessians(model, np.asarray(calibration)[:HESSIAN_SAMPLES])
+        if "hessians" not in cache:
+            cache["hessians"] = layer_hessians(model, np.asarray(calibration)[:HESSIAN_SAMPLES])
+        hessians = cache["hessians"]
     qps: dict[str, int] = {}
+    if allocate and calibrated and sensitivities is None:
+        if "sensitivities" not in cache:
+            cache["sensitivities"] = measure_sensitivities(model, calibration, run_model)
+        sensitivities = cache["sensitivities"]
     if allocate:
         gains = {name: lh.gain() for name, lh in hessians.items()}
         qps = allocate_qps(
