@@ -9,9 +9,13 @@ takes --nncodec-python. It talks to NNCodec only through benchmarks/nncodec_work
 subprocess); nncodec is never imported here. --no-nncodec runs our coder alone.
 
 For every model and QP:
-  - ours: nnc_tool.compress_model(model, EncodeOptions(qp=QP, nonweight_qp=-75)), then
-    decompress_model and write_model to ONNX. Our bitstream is self-contained: it also holds the
-    graph (topology) and any EXACT tensor.
+  - ours: our encoder's own path, as `nnc encode --qp QP --calib sample_models/digits_calib.npz`
+    runs it: BatchNorm folded into the convolutions, the quantization plan (per-tensor QPs from
+    sensitivities measured on the calibration inputs, GPTQ error feedback), coding with
+    nnc_tool.compress_model; then decompress_model and write_model to ONNX. Non-weight tensors
+    use our default QP (16 below the weight QP). `--data-free` drops the calibration data (the
+    data-free allocation proxy, no error feedback). Our bitstream is self-contained: it also holds
+    the graph (topology) and any EXACT tensor.
   - NNCodec: the same float32 tensors our reader classes as WEIGHT or NONWEIGHT (EXACT tensors are
     part of neither coder's weight payload) go to nncodec.nn.encode with its default settings
     (DeepCABAC, dependent quantization, qp_density 2, nonweight_qp -75, row skipping, param_opt)
@@ -69,12 +73,14 @@ import nnc_tool
 from nnc_tool.bench.runner import compare_outputs, load_eval_data, make_runner, predict
 from nnc_tool.coding.report import stream_entropy_report
 from nnc_tool.model import TensorRole
+from nnc_tool.quantize.fold import fold_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
 CACHE = Path(__file__).resolve().parent / ".cache"
 WORKER = Path(__file__).resolve().parent / "nncodec_worker.py"
 DATA = SAMPLES / "digits_test.npz"
+CALIB = SAMPLES / "digits_calib.npz"  # 256 training images, disjoint from the test images
 SAMPLE_MODELS = ("mlp", "lenet", "resnet", "mobilenet")
 ALL_MODELS = (*SAMPLE_MODELS, "resnet18")
 RESNET18_FILE = "resnet18_digits_v2.onnx"
@@ -383,16 +389,20 @@ class Evaluator:
         self.accuracy_original = 100.0 * float((self.reference.argmax(1) == y).mean())
         self.weights = {t.name for t in original.tensors if t.role == TensorRole.WEIGHT}
 
-    def __call__(self, rebuilt: nnc_tool.Model, tmp: Path) -> tuple[float, float, float]:
-        """(output SNR dB, top-1 accuracy %, weight-domain SNR dB over the WEIGHT tensors)."""
+    def __call__(self, rebuilt: nnc_tool.Model, tmp: Path, reference: nnc_tool.Model | None = None) -> tuple[float, float, float]:
+        """(output SNR dB, top-1 accuracy %, weight-domain SNR dB over the WEIGHT tensors).
+
+        `reference` is the unquantized model the rebuilt weights approximate (ours: the model
+        with BatchNorm folded in), default the original.
+        """
         path = tmp / "rebuilt.onnx"
         nnc_tool.write_model(rebuilt, path)
         logits = predict(make_runner(path, "onnx", threads=1), self.x)
         stats = compare_outputs(self.reference, logits, self.y)
         rebuilt_map = rebuilt.tensor_map()
         signal = noise = 0.0
-        for t in self.original.tensors:
-            if t.name in self.weights:
+        for t in (reference or self.original).tensors:
+            if t.role == TensorRole.WEIGHT and t.name in rebuilt_map:
                 a = t.array.astype(np.float64)
                 signal += float((a**2).sum())
                 noise += float(((a - rebuilt_map[t.name].array.astype(np.float64)) ** 2).sum())
@@ -400,18 +410,23 @@ class Evaluator:
         return stats.output_snr_db, stats.accuracy_rebuilt, weight_snr
 
 
-def run_ours(name: str, model: nnc_tool.Model, evaluate: Evaluator, qps: list[int], nonweight_qp: int, tmp: Path, log) -> tuple[list[Point], dict]:
+def run_ours(name: str, model: nnc_tool.Model, evaluate: Evaluator, qps: list[int], nonweight_qp: int | None,
+             calibration: np.ndarray | None, tmp: Path, log) -> tuple[list[Point], dict]:
+    """Our encoder's own path (what `nnc encode [--calib]` does after reading the model):
+    BatchNorm folding, the quantization plan (sensitivity allocation; with calibration data also
+    measured sensitivities and GPTQ error feedback), coding. Encode time covers all of it."""
     points, streams = [], {}
     for qp in qps:
         options = nnc_tool.EncodeOptions(qp=qp, nonweight_qp=nonweight_qp)
         started = time.perf_counter()
-        data, reports = nnc_tool.compress_model(model, options)
+        folded, _ = fold_batchnorm(model)
+        data, reports = nnc_tool.compress_model(folded, options, calibration=calibration)
         encode_s = time.perf_counter() - started
         started = time.perf_counter()
         rebuilt = nnc_tool.decompress_model(data)
         decode_s = time.perf_counter() - started
         weight_bytes = sum(r.coded_bytes for r in reports if r.role in ("weight", "nonweight"))
-        snr, acc, wsnr = evaluate(rebuilt, tmp)
+        snr, acc, wsnr = evaluate(rebuilt, tmp, reference=folded)
         points.append(Point(name, "nnc", qp, len(data), weight_bytes, snr, acc, encode_s, decode_s, wsnr))
         streams[qp] = data
         log(f"  nnc     qp {qp:4d}: {len(data):10d} B  SNR {snr:6.2f} dB  acc {acc:6.2f} %  enc {encode_s:6.2f} s  dec {decode_s:6.2f} s")
@@ -628,7 +643,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=ALL_MODELS, help="default: all (with --quick: the four sample models)")
     parser.add_argument("--quick", action="store_true", help="half as many QPs; resnet18 only if named in --models")
-    parser.add_argument("--nonweight-qp", type=int, default=-75, help="QP of 1-D tensors for both coders (default -75, both defaults)")
+    parser.add_argument("--nonweight-qp", type=int, default=-75, help="NNCodec's QP of 1-D tensors (default -75, its default)")
+    parser.add_argument("--ours-nonweight-qp", type=int, default=None, help="our QP of 1-D tensors (default: ours, 16 below the weight QP)")
+    parser.add_argument("--calib", type=Path, default=CALIB, help=f"calibration inputs for our encoder (default {CALIB.relative_to(ROOT)})")
+    parser.add_argument("--data-free", action="store_true", help="encode without calibration data (data-free allocation, no error feedback)")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--plot", type=Path, default=CACHE / "rd_vs_nncodec.png", help="PNG of rate vs output SNR (default benchmarks/.cache/rd_vs_nncodec.png)")
     parser.add_argument("--nncodec-python", help="python of the NNCodec venv (default $NNCODEC_VENV/bin/python or /tmp/nncodec-venv/bin/python)")
@@ -647,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     x, y = load_eval_data(DATA)
+    calibration = None if args.data_free else load_eval_data(args.calib)[0]
     results: list[ModelResult] = []
     for name in models:
         path = model_path(name, log)
@@ -664,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             f"weight excess kurtosis {excess_kurtosis(model):.2f}")
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
-            ours_points, streams = run_ours(name, model, evaluate, ours_qps, args.nonweight_qp, tmp, log)
+            ours_points, streams = run_ours(name, model, evaluate, ours_qps, args.ours_nonweight_qp, calibration, tmp, log)
             result.points += ours_points
             nncodec_info = None
             if python is not None:

@@ -120,7 +120,12 @@ def measure_sensitivities(
     """
     x = np.asarray(calibration)[:samples]
     probe = run_model or run_onnx
-    reference = np.asarray(probe(model, x), dtype=np.float64)
+    overridable = _OverridableOnnx(model) if run_model is None and model.format == "onnx" else None
+    if overridable is not None and overridable.names:
+        reference = np.asarray(overridable.run(x), dtype=np.float64)
+    else:
+        overridable = None
+        reference = np.asarray(probe(model, x), dtype=np.float64)
     out: dict[str, float] = {}
     for index, tensor in enumerate(model.tensors):
         if not _quantizable(tensor):
@@ -139,9 +144,12 @@ def measure_sensitivities(
             noisy = values + sigma * unit
             if nonnegative:
                 noisy = np.abs(noisy)
-            tensors = list(model.tensors)
-            tensors[index] = Tensor(tensor.name, noisy.astype(tensor.array.dtype), tensor.role)
-            output = np.asarray(probe(replace(model, tensors=tensors), x), dtype=np.float64)
+            if overridable is not None and tensor.name in overridable.names:
+                output = np.asarray(overridable.run(x, {tensor.name: noisy.astype(tensor.array.dtype)}), dtype=np.float64)
+            else:
+                tensors = list(model.tensors)
+                tensors[index] = Tensor(tensor.name, noisy.astype(tensor.array.dtype), tensor.role)
+                output = np.asarray(probe(replace(model, tensors=tensors), x), dtype=np.float64)
             if np.isfinite(output).all():
                 added = float(np.mean(np.square(noisy.astype(tensor.array.dtype).astype(np.float64) - values)))
                 sensitivity = float(np.mean(np.square(output - reference))) / added if added > 0 else 0.0
@@ -345,6 +353,46 @@ def run_onnx(model: Model, x: np.ndarray) -> np.ndarray:
     if len(inputs) != 1:
         raise ValueError(f"calibration supports models with one input; this one has {len(inputs)}")
     return np.asarray(session.run(None, {inputs[0].name: _as_input(x, inputs[0].type)})[0])
+
+
+class _OverridableOnnx:
+    """One onnxruntime session of an ONNX model whose main-graph initializers are also graph
+    inputs, so a run can replace any of them (ONNX lets graph inputs override initializers).
+
+    Probing one tensor at a time then costs one run, not one session build of the whole model.
+    `names` are the tensors that can be replaced this way (float initializers of the main graph).
+    """
+
+    def __init__(self, model: Model) -> None:
+        from onnx import helper
+
+        from ..formats.onnx_format import to_proto
+
+        proto = to_proto(model)
+        if proto.ir_version < 4:
+            self.names: frozenset[str] = frozenset()
+            return
+        declared = {i.name for i in proto.graph.input}
+        tensors = model.tensor_map()
+        names = []
+        for init in proto.graph.initializer:
+            tensor = tensors.get(init.name)
+            if tensor is None or not _quantizable(tensor) or init.name in declared:
+                continue
+            proto.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+            names.append(init.name)
+        self.names = frozenset(names)
+        self._session = _session(proto.SerializeToString(), _threads())
+        data_inputs = [i for i in self._session.get_inputs() if i.name not in tensors]
+        if len(data_inputs) != 1:
+            self.names = frozenset()  # the caller falls back to building a model per probe
+            return
+        self._input = data_inputs[0]
+
+    def run(self, x: np.ndarray, overrides: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        feeds = {self._input.name: _as_input(x, self._input.type)}
+        feeds.update(overrides or {})
+        return np.asarray(self._session.run(None, feeds)[0])
 
 
 _ORT_TYPES = {
