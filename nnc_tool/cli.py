@@ -7,26 +7,52 @@ import math
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict
 
 import click
 
 from . import __version__, api
+from .batch import encode_many
 from .bench import bench as run_bench
-from .bench.runner import load_eval_data
+from .bench.gates import Gates, check_report, check_sweep, summarize
+from .bench.runner import BenchReport, load_eval_data
+from .bench.sweep import SweepReport, parse_sparsities, parse_sweep, sweep
 from .coding.report import describe_entropy_report
 from .errors import NncError, UsageError
+from .progress import progress_bar
 from .prune import PruneConfig, PruneReport
 from .prune.config import ALLOCATIONS, IMPORTANCES, METHODS, NM_GRANULARITIES, SCOPES
 from .quantize.uniform import QuantSettings
+from .units import format_size, parse_size
+
+_human = format_size
 
 
-def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(size) < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1000.0
-    return f"{size} B"
+class SparsityList(click.ParamType):
+    """One sparsity, or (for bench) a comma list such as 0,0.3,0.5 to sweep."""
+
+    name = "sparsity"
+
+    def convert(self, value, param, ctx) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_sparsities(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+class ByteSize(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 def _fail(message: str, code: int) -> None:
@@ -79,8 +105,10 @@ def pruning_options(command):
     options = [
         click.option("--prune", "prune_method", type=click.Choice(METHODS), default=None,
                      help="Pruning before quantization: single weights, k-out-of-n, whole channels, or whole residual branches."),
-        click.option("--sparsity", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.5, show_default=True,
-                     help="Fraction of weights, channels or branches removed."),
+        click.option("--sparsity", "sparsities", type=SparsityList(), default="0.5", show_default=True,
+                     metavar="F[,F...]",
+                     help="Fraction of weights, channels or branches removed, in [0, 1); bench takes a comma list "
+                          "(0,0.3,0.5) to sweep, 0 = no pruning."),
         click.option("--scope", type=click.Choice(SCOPES), default="layer", show_default=True,
                      help="Unstructured: same fraction per layer, or one global threshold."),
         click.option("--nm", default="2:4", show_default=True, metavar="K:N",
@@ -106,11 +134,12 @@ def pruning_options(command):
     return command
 
 
-def _pruning(prune_method: str | None, sparsity: float, scope: str, nm: str, nm_granularity: str, importance: str,
+def _pruning(prune_method: str | None, sparsities: tuple[float, ...], scope: str, nm: str, nm_granularity: str, importance: str,
              allocation: str, calib: str | None, no_refit: bool, shapley_permutations: int, seed: int,
              channel_multiple: int, calibration=None) -> PruneConfig | None:
     if prune_method is None:
         return None
+    sparsity = sparsities[0]
     try:
         k, n = (int(part) for part in nm.split(":"))
     except ValueError:
@@ -144,69 +173,146 @@ def _terminate(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _quiet_and_verbose(quiet: bool, verbose: bool) -> None:
+    if quiet and verbose:
+        raise UsageError(None, "--quiet and --verbose contradict each other: choose one")
+
+
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Bitstream to write (.nnc).")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="MODEL...")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Bitstream to write (.nnc), for one MODEL.")
+@click.option("-d", "--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Directory for any number of MODELs, written as DIR/<name>.nnc (created if missing).")
+@click.option("-j", "--jobs", type=click.IntRange(0, 256), default=1, show_default=True,
+              help="With -d: encode this many models at once in worker processes (0 = one per CPU).")
 @quantization_options
 @pruning_options
 @click.option("--no-fold-bn", is_flag=True, help="Keep ONNX BatchNormalization nodes instead of folding them into the layer before.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with -d: a list, one entry per MODEL).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary lines (errors and --json still print).")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor.")
 @handle_errors
-def encode(model: str, output: str, qp: int, nonweight_qp: int | None, bits: int | None, per_channel: bool,
-           lossless: bool, uniform_qp: bool, rdo: float, no_fold_bn: bool, as_json: bool, verbose: bool,
-           **prune_options) -> None:
-    """Compress MODEL into an nnc bitstream."""
+def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, jobs: int, qp: int,
+           nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float,
+           no_fold_bn: bool, as_json: bool, quiet: bool, verbose: bool, **prune_options) -> None:
+    """Compress MODEL into an nnc bitstream (-o), or many MODELs into a directory (-d).
+
+    With -d, a file that fails is reported (one line on stderr) and skipped, the others are
+    still encoded, and the exit code is 2 if any failed.
+    """
+    _quiet_and_verbose(quiet, verbose)
+    if output is not None and output_dir is not None:
+        raise UsageError(None, "-o and -d cannot be used together: -o names one bitstream, -d a directory for many")
+    if output is None and output_dir is None:
+        raise UsageError(None, "give -o OUT.nnc for one model or -d DIR for any number of models")
+    if output is not None and len(models) > 1:
+        raise UsageError(None, f"-o names one bitstream but {len(models)} models were given: use -d DIR")
+    if len(prune_options["sparsities"]) > 1:
+        raise UsageError(None, "--sparsity takes one value when encoding; measure several with nnc bench --sparsity A,B,C")
     calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
-    report = api.encode(model, output, _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo),
-                        _pruning(calibration=calibration, **prune_options), fold_batchnorm=not no_fold_bn,
-                        calibration=calibration)
+    settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo)
+    pruning = _pruning(calibration=calibration, **prune_options)
+    if output_dir is not None:
+        _encode_batch(models, output_dir, jobs, settings, pruning, not no_fold_bn, calibration, as_json, quiet, verbose)
+        return
+    with progress_bar(f"encode {os.path.basename(models[0])}", quiet) as bar:
+        report = api.encode(models[0], output, settings, pruning=pruning, fold_batchnorm=not no_fold_bn,
+                            calibration=calibration, progress=bar)
     if as_json:
         _print_json(report.to_dict())
-        return
-    if report.pruning is not None:
-        _echo_pruning(report.pruning, verbose)
-    if report.folded_batchnorms:
-        click.echo(f"folded {report.folded_batchnorms} BatchNormalization node(s) into the layers before them")
-    if verbose:
-        for t in report.tensors:
-            step = f"step {t.step:.3g}" if t.step is not None else "lossless"
-            click.echo(f"  {t.name:<40} {t.role:<9} {str(list(t.shape)):<18} {step:<14} {t.coded_bytes:>10} B")
-    click.echo(
+    elif not quiet:
+        _echo_encode(report, verbose)
+
+
+def _encode_batch(models: tuple[str, ...], output_dir: str, jobs: int, settings: QuantSettings,
+                  pruning: PruneConfig | None, fold_batchnorm: bool, calibration, as_json: bool, quiet: bool,
+                  verbose: bool) -> None:
+    started = time.perf_counter()
+    jobs = jobs or os.cpu_count() or 1
+    with progress_bar("encode", quiet) as bar:
+        done = 0
+
+        def on_done(outcome) -> None:
+            nonlocal done
+            done += 1
+            if not outcome.ok:
+                bar.echo(f"nnc: error: {outcome.error}", err=True)
+            elif not (quiet or as_json):
+                bar.echo(_encode_line(outcome.report))
+                if verbose:
+                    _echo_encode_details(outcome.report, bar.echo)
+            bar(done, len(models))
+
+        result = encode_many(models, output_dir, settings, pruning, fold_batchnorm, calibration, jobs, on_done)
+    if as_json:
+        _print_json([o.to_dict() for o in result.outcomes])
+    elif not quiet:
+        reports = [o.report for o in result.outcomes if o.ok]
+        original = sum(r.original_bytes for r in reports)
+        coded = sum(r.bitstream_bytes for r in reports)
+        ratio = f", ratio {original / coded:.2f}x" if coded else ""
+        failed = f", {len(result.failed)} failed" if result.failed else ""
+        click.echo(f"encoded {len(reports)} of {len(models)} models: {_human(original)} -> {_human(coded)}{ratio}"
+                   f"{failed}, {time.perf_counter() - started:.2f} s")
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
+def _encode_line(report: api.EncodeReport) -> str:
+    return (
         f"{report.input} ({report.format}): {_human(report.original_bytes)} -> {report.output}: "
         f"{_human(report.bitstream_bytes)}, ratio {report.ratio:.2f}x, {report.tensor_count} tensors, "
         f"{report.seconds:.2f} s"
     )
 
 
-def _echo_pruning(report: PruneReport, verbose: bool) -> None:
+def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: bool = True) -> None:
+    if report.pruning is not None:
+        _echo_pruning(report.pruning, verbose, echo)
+    if report.folded_batchnorms:
+        echo(f"folded {report.folded_batchnorms} BatchNormalization node(s) into the layers before them")
+    if verbose:
+        for t in report.tensors:
+            step = f"step {t.step:.3g}" if t.step is not None else "lossless"
+            echo(f"  {t.name:<40} {t.role:<9} {str(list(t.shape)):<18} {step:<14} {t.coded_bytes:>10} B")
+
+
+def _echo_encode(report: api.EncodeReport, verbose: bool) -> None:
+    _echo_encode_details(report, click.echo, verbose)
+    click.echo(_encode_line(report))
+
+
+def _echo_pruning(report: PruneReport, verbose: bool, echo=click.echo) -> None:
     kept = report.parameters_after / report.parameters_before if report.parameters_before else 1.0
-    click.echo(
+    echo(
         f"pruned ({report.method}): {report.parameters_before} -> {report.parameters_after} parameters "
         f"({100 * kept:.1f} % kept), {report.zeros_after} zeros"
     )
     if verbose:
         for layer in report.layers:
-            click.echo(f"  {layer.name:<40} {layer.before:>8} -> {layer.after}")
+            echo(f"  {layer.name:<40} {layer.before:>8} -> {layer.after}")
     for skipped in report.skipped:
-        click.echo(f"  left alone: {skipped}")
+        echo(f"  left alone: {skipped}")
     for note in report.notes:
-        click.echo(f"  note: {note}")
+        echo(f"  note: {note}")
 
 
 @main.command()
 @click.argument("bitstream", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Model to write; its suffix must fit the stored format.")
+@click.option("-q", "--quiet", is_flag=True, help="No summary line (errors still print).")
 @handle_errors
-def decode(bitstream: str, output: str) -> None:
+def decode(bitstream: str, output: str, quiet: bool) -> None:
     """Rebuild a runnable model from BITSTREAM in the format it came from."""
     report = api.decode(bitstream, output)
+    if quiet:
+        return
     click.echo(
         f"{report.input}: {_human(report.bitstream_bytes)} -> {report.output} ({report.format}): "
         f"{_human(report.output_bytes)}, {report.tensor_count} tensors, {report.seconds:.2f} s"
     )
-
 
 @main.command()
 @click.argument("bitstream", type=click.Path(dir_okay=False))
@@ -240,6 +346,7 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
         click.echo(describe_entropy_report(stream.entropy))
 
 
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--nnc", "nnc_path", type=click.Path(dir_okay=False), default=None,
@@ -249,24 +356,116 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
 @quantization_options
 @pruning_options
 @click.option("--no-fold-bn", is_flag=True, help="Keep ONNX BatchNormalization nodes.")
+@click.option("--sweep", "sweep_spec", default=None, metavar="qp=START:STOP:STEP|qp=A,B,C",
+              help="Encode, decode and measure MODEL at every QP (STOP included), crossed with every --sparsity; "
+                   "prints a table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="With a sweep: draw rate vs quality and latencies to FILE (.png, .svg or .pdf; needs matplotlib).")
 @click.option("--runs", type=click.IntRange(1, 100000), default=50, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(0, 10000), default=5, show_default=True, help="Untimed runs first.")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=1, show_default=True, help="Batch for latency.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Inference threads.")
+@click.option("--fail-below-accuracy", type=click.FloatRange(0.0, 100.0), default=None, metavar="PERCENT",
+              help="Gate: exit 1 if the rebuilt model's top-1 accuracy on --data (with labels) is below PERCENT.")
+@click.option("--fail-above-size", type=ByteSize(), default=None, metavar="SIZE",
+              help="Gate: exit 1 if the bitstream is larger than SIZE (300000, 200KB, 1.5MB, 64KiB).")
+@click.option("--fail-above-latency-ratio", type=click.FloatRange(0.0, min_open=True), default=None, metavar="R",
+              help="Gate: exit 1 if rebuilt / original median latency exceeds R.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bar and no report text: only errors, gate failures and --json.")
+@click.option("-v", "--verbose", is_flag=True, help="With a sweep: add a weight-SNR column and list every point's notes.")
 @handle_errors
 def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight_qp: int | None, bits: int | None,
-          per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float, no_fold_bn: bool, runs: int, warmup: int,
-          batch_size: int, threads: int, as_json: bool, **prune_options) -> None:
-    """Measure size, latency and accuracy (or fidelity) of MODEL against its nnc-coded rebuild."""
+          per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float, no_fold_bn: bool, sweep_spec: str | None,
+          plot_path: str | None, runs: int, warmup: int, batch_size: int, threads: int,
+          fail_below_accuracy: float | None, fail_above_size: int | None, fail_above_latency_ratio: float | None,
+          as_json: bool, quiet: bool, verbose: bool, **prune_options) -> None:
+    """Measure size, latency and accuracy (or fidelity) of MODEL against its nnc-coded rebuild.
+
+    With --sweep (or several --sparsity values), measure every combination against one
+    measurement of the original. Gates (--fail-*) make the command exit 1 with a one-line
+    reason after the report; with a sweep, every point must pass.
+    """
+    _quiet_and_verbose(quiet, verbose)
+    gates = Gates(fail_below_accuracy, fail_above_size, fail_above_latency_ratio)
+    if fail_below_accuracy is not None:
+        if data is None:
+            raise UsageError(None, "--fail-below-accuracy needs --data with labels 'y'")
+        if load_eval_data(data)[1] is None:
+            raise UsageError(data, "--fail-below-accuracy needs labels 'y' in the data file")
+    sparsities = prune_options["sparsities"]
+    method = prune_options["prune_method"]
+    if len(sparsities) > 1 and method is None:
+        raise UsageError(None, "several --sparsity values need a pruning method (--prune KIND)")
+    if len(sparsities) > 1 and method == "nm":
+        raise UsageError(None, "--prune nm is set by --nm K:N, not by --sparsity: sweep structured, unstructured or depth")
+    sweeping = sweep_spec is not None or len(sparsities) > 1
+    if sweeping and nnc_path is not None:
+        raise UsageError(None, "--nnc measures one bitstream; a sweep encodes its own")
+    if plot_path is not None:
+        if not sweeping:
+            raise UsageError(None, "--plot draws a sweep: add --sweep qp=START:STOP:STEP or several --sparsity values")
+        from .bench.plot import check_plot_target
+
+        check_plot_target(plot_path)  # before the sweep, not after minutes of work
     calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
-    report = run_bench(model, nnc_path, data, _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo),
-                       runs=runs, warmup=warmup, batch_size=batch_size, threads=threads,
-                       pruning=_pruning(calibration=calibration, **prune_options), fold_batchnorm=not no_fold_bn,
-                       calibration=calibration)
-    if as_json:
-        _print_json(report.to_dict())
+    settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo)
+    pruning = _pruning(calibration=calibration, **prune_options)
+    if sweeping:
+        qps = parse_sweep(sweep_spec).values if sweep_spec is not None else (qp,)
+        _bench_sweep(model, qps, sparsities if method is not None else (0.0,), settings, pruning, data, runs, warmup,
+                     batch_size, threads, not no_fold_bn, calibration, gates, plot_path, as_json, quiet, verbose)
         return
+    with progress_bar("encode", quiet) as bar:
+        report = run_bench(model, nnc_path, data, settings, runs=runs, warmup=warmup, batch_size=batch_size,
+                           threads=threads, pruning=pruning, fold_batchnorm=not no_fold_bn, calibration=calibration,
+                           progress=bar)
+    failures = check_report(report, gates) if gates.active else []
+    if as_json:
+        _print_json(_with_gates(report.to_dict(), gates, failures))
+    elif not quiet:
+        _echo_bench(report)
+    _exit_on_gates(failures)
+
+
+def _bench_sweep(model: str, qps: tuple[int, ...], sparsities: tuple[float, ...], settings: QuantSettings,
+                 pruning: PruneConfig | None, data: str | None, runs: int, warmup: int, batch_size: int, threads: int,
+                 fold_batchnorm: bool, calibration, gates: Gates, plot_path: str | None, as_json: bool, quiet: bool,
+                 verbose: bool) -> None:
+    with progress_bar(f"sweep {os.path.basename(model)}", quiet) as bar:
+        report = sweep(model, qps, sparsities, settings, pruning, data, runs=runs, warmup=warmup,
+                       batch_size=batch_size, threads=threads, fold_batchnorm=fold_batchnorm, calibration=calibration,
+                       progress=bar)
+    failures = check_sweep(report, gates) if gates.active else []
+    if plot_path is not None:
+        from .bench.plot import plot_sweep
+
+        plot_sweep(report, plot_path)
+    if as_json:
+        _print_json(_with_gates(report.to_dict(), gates, failures))
+    elif not quiet:
+        _echo_sweep(report, verbose)
+        if plot_path is not None:
+            click.echo(f"plot written to {plot_path}")
+    if failures:
+        failures = [f"{len(failures)} of {len(report.points)} points fail: {summarize(failures)}"]
+    _exit_on_gates(failures)
+
+
+def _with_gates(data: dict, gates: Gates, failures: list[str]) -> dict:
+    if gates.active:
+        data["gates"] = {"passed": not failures, "failures": failures}
+    return data
+
+
+def _exit_on_gates(failures: list[str]) -> None:
+    if failures:
+        click.echo(f"nnc: gate failed: {summarize(failures)}", err=True)
+        sys.exit(1)
+
+
+def _echo_bench(report: BenchReport) -> None:
     click.echo(f"{report.model} ({report.format})")
     click.echo(f"  size        {_human(report.original_bytes)} -> {_human(report.bitstream_bytes)}  (ratio {report.ratio:.2f}x)")
     if report.encode_seconds is not None:
@@ -294,7 +493,57 @@ def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight
         click.echo(f"  note: {note}")
 
 
-def _print_json(data: dict) -> None:
+def _echo_sweep(report: SweepReport, verbose: bool) -> None:
+    """A fixed-width table, one row per point, after a line describing the original."""
+    head = f"{report.model} ({report.format}): {_human(report.original_bytes)}"
+    if report.accuracy_original is not None:
+        head += f", accuracy {report.accuracy_original:.2f} % on {report.samples} samples"
+    lo = report.latency_original
+    if lo is not None:
+        head += (f", latency {lo.median_ms:.3f} ms (p10-p90 {lo.p10_ms:.3f}-{lo.p90_ms:.3f}, "
+                 f"median of {lo.runs}, batch {lo.batch_size})")
+    click.echo(head)
+    pruned = report.prune_method is not None
+    quality = any(p.bench.quality is not None for p in report.points)
+    columns = [("qp", 5)] + ([("sparsity", 8)] if pruned else []) + [
+        ("bitstream", 11), ("ratio", 7), ("enc s", 6), ("dec s", 6)]
+    if lo is not None:
+        columns += [("lat ms", 8), ("p10-p90 ms", 13), ("x orig", 6)]
+    if quality:
+        columns += ([("acc %", 7)] if report.labelled else []) + [("agree %", 7), ("SNR dB", 7)]
+    if verbose or not quality:
+        columns += [("w SNR dB", 8)]
+    click.echo("  ".join(f"{name:>{width}}" for name, width in columns))
+    for point in report.points:
+        b, q, lat = point.bench, point.bench.quality, point.bench.latency_rebuilt
+        cells = [f"{point.qp}"] + ([f"{point.sparsity:g}"] if pruned else []) + [
+            _human(b.bitstream_bytes), f"{b.ratio:.2f}x", f"{b.encode_seconds:.2f}", f"{b.decode_seconds:.2f}"]
+        if lo is not None:
+            cells += [f"{lat.median_ms:.3f}", f"{lat.p10_ms:.3f}-{lat.p90_ms:.3f}", f"{point.latency_ratio:.2f}"]
+        if quality:
+            cells += ([f"{q.accuracy_rebuilt:.2f}"] if report.labelled else []) + [
+                _number(q.top1_agreement, ".2f"), _number(q.output_snr_db, ".1f")]
+        if verbose or not quality:
+            cells += [_number(b.weight_snr_db, ".1f")]
+        click.echo("  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, columns)))
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    seen = set()
+    for point in report.points:
+        for note in point.bench.notes:
+            key = note if not verbose else (point.qp, point.sparsity, note)
+            if key not in seen:
+                seen.add(key)
+                where = f"qp {point.qp}, sparsity {point.sparsity:g}" if verbose else (
+                    f"sparsity {point.sparsity:g}" if pruned else f"qp {point.qp}")
+                click.echo(f"note: {where}: {note}")
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_json(data: dict | list) -> None:
     """Strict JSON for pipelines: infinite SNRs (lossless) become the strings "inf"/"-inf"."""
 
     def clean(value):

@@ -1,12 +1,13 @@
 """Measure what users care about: size, latency of original and rebuilt model, accuracy or fidelity."""
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from ..errors import NncError, UsageError
 from ..formats import FORMATS, read_model
+from ..model import Model
 
 RUNNABLE_FORMATS = ("onnx", "torchscript", "torch-export")
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -158,18 +160,19 @@ def compare_outputs(original: np.ndarray, rebuilt: np.ndarray, labels: np.ndarra
     return stats
 
 
-def weight_snr_db(original_path: Path, rebuilt_path: Path) -> float | None:
+def weight_snr_db(original: Path | Model, rebuilt_path: Path) -> float | None:
     """SNR of all float tensors of the rebuilt model against the original, in dB.
 
+    `original` is the original model file, or the Model already read from it (a sweep reads it once).
     None when the structure changed (structured or depth pruning): tensors then have no
     one-to-one counterpart and output fidelity is the meaningful measure.
     """
-    original = read_model(original_path).tensor_map()
+    tensors = (original if isinstance(original, Model) else read_model(original)).tensor_map()
     rebuilt = read_model(rebuilt_path).tensor_map()
-    if any(name not in rebuilt or rebuilt[name].array.shape != t.array.shape for name, t in original.items()):
+    if any(name not in rebuilt or rebuilt[name].array.shape != t.array.shape for name, t in tensors.items()):
         return None
     signal = noise = 0.0
-    for name, tensor in original.items():
+    for name, tensor in tensors.items():
         if not tensor.is_float:
             continue
         a = tensor.array.astype(np.float64)
@@ -193,6 +196,134 @@ def random_inputs(model_path: Path, fmt: str, samples: int, seed: int = 0) -> np
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+@dataclass
+class Reference:
+    """The original model, read, run and timed once: what every rebuilt model is compared with.
+
+    A sweep builds one and measures dozens of rebuilt models against it, so the original's
+    latency and outputs are not re-measured (and do not drift) from point to point.
+    """
+
+    path: Path
+    format: str
+    model: Model
+    original_bytes: int
+    runs: int
+    warmup: int
+    threads: int
+    data_path: Path | None = None
+    inputs: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    batch: np.ndarray | None = None  # the latency batch
+    outputs: np.ndarray | None = None
+    latency: LatencyStats | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def runnable(self) -> bool:
+        return self.format in RUNNABLE_FORMATS
+
+
+def prepare_reference(
+    model_path: str | os.PathLike,
+    data_path: str | os.PathLike | None = None,
+    runs: int = 50,
+    warmup: int = 5,
+    batch_size: int = 1,
+    threads: int = 1,
+) -> Reference:
+    """Read MODEL, and if it is runnable, time it and record its outputs on the evaluation inputs."""
+    from .. import api
+
+    model_path = Path(model_path)
+    if runs < 1 or batch_size < 1:
+        raise UsageError(None, "runs and batch size must be at least 1")
+    original = read_model(model_path)
+    reference = Reference(
+        path=model_path,
+        format=original.format,
+        model=original,
+        original_bytes=api.model_file_bytes(model_path, original),
+        runs=runs,
+        warmup=warmup,
+        threads=threads,
+        data_path=None if data_path is None else Path(data_path),
+    )
+    if not reference.runnable:
+        reference.notes.append(
+            f"a {FORMATS[reference.format].description} holds no graph: latency and accuracy need ONNX, TorchScript or .pt2"
+        )
+        return reference
+    if data_path is not None:
+        reference.inputs, reference.labels = load_eval_data(data_path)
+    else:
+        reference.inputs = random_inputs(model_path, reference.format, samples=max(batch_size, 64))
+        reference.notes.append("no --data: fidelity measured on random inputs")
+    batch = reference.inputs[:batch_size]
+    if len(batch) < batch_size:
+        batch = np.concatenate([batch] * (batch_size // max(len(batch), 1) + 1))[:batch_size]
+    reference.batch = batch
+    run = make_runner(model_path, reference.format, threads)
+    with _runtime_errors(data_path or model_path):
+        reference.latency = measure_latency(run, batch, runs, warmup)
+        reference.outputs = predict(run, reference.inputs)
+    return reference
+
+
+def measure_rebuild(
+    reference: Reference,
+    nnc_path: str | os.PathLike,
+    encode_seconds: float | None = None,
+    notes: list[str] | None = None,
+) -> BenchReport:
+    """Decode `nnc_path` and compare the rebuilt model with `reference`: size, latency, quality."""
+    from .. import api
+
+    fmt = reference.format
+    with tempfile.TemporaryDirectory(prefix="nnc-bench-") as tmp:
+        rebuilt_path = Path(tmp) / f"rebuilt{FORMATS[fmt].suffixes[0]}"
+        decoded = api.decode(nnc_path, rebuilt_path)
+        if decoded.format != fmt:
+            raise UsageError(nnc_path, f"bitstream holds a {decoded.format} model but {reference.path} is {fmt}")
+        report = BenchReport(
+            model=str(reference.path),
+            format=fmt,
+            original_bytes=reference.original_bytes,
+            bitstream_bytes=decoded.bitstream_bytes,
+            ratio=reference.original_bytes / decoded.bitstream_bytes,
+            encode_seconds=encode_seconds,
+            decode_seconds=decoded.seconds,
+            weight_snr_db=weight_snr_db(reference.model, rebuilt_path),
+            notes=list(notes or []) + reference.notes,
+        )
+        if not reference.runnable:
+            return report
+        run_rebuilt = make_runner(rebuilt_path, fmt, reference.threads)
+        with _runtime_errors(reference.data_path or reference.path):
+            report.latency_rebuilt = measure_latency(run_rebuilt, reference.batch, reference.runs, reference.warmup)
+            outputs_rebuilt = predict(run_rebuilt, reference.inputs)
+        report.latency_original = reference.latency
+        report.quality = compare_outputs(reference.outputs, outputs_rebuilt, reference.labels)
+    return report
+
+
+@contextlib.contextmanager
+def _runtime_errors(blame: str | os.PathLike) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:  # the runtime's own message says which input did not fit
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(blame, f"the model cannot run on these inputs: {first_line}") from None
+
+
+def encode_notes(encoded) -> list[str]:
+    """What bench reports about an encode beyond sizes (today: how much pruning kept)."""
+    if encoded.pruning is None:
+        return []
+    kept = encoded.pruning.parameters_after / max(encoded.pruning.parameters_before, 1)
+    return [f"pruned ({encoded.pruning.method}): {100 * kept:.1f} % of parameters kept"]
+
+
 def bench(
     model_path: str | os.PathLike,
     nnc_path: str | os.PathLike | None = None,
@@ -205,67 +336,24 @@ def bench(
     pruning=None,
     fold_batchnorm: bool = True,
     calibration: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    reference: Reference | None = None,
 ) -> BenchReport:
     """Encode (unless `nnc_path` is given), decode, and compare the rebuilt model with the original.
 
-    `pruning` (a PruneConfig) prunes before quantization when this function encodes.
+    `pruning` (a PruneConfig) prunes before quantization when this function encodes;
+    `progress(done, total)` follows the encode tensor by tensor. Pass a `reference` from
+    `prepare_reference` to measure several encodings against one measurement of the original
+    (then `data_path`, `runs`, `warmup`, `batch_size` and `threads` come from it).
     """
     from .. import api
 
-    model_path = Path(model_path)
-    if runs < 1 or batch_size < 1:
-        raise UsageError(None, "runs and batch size must be at least 1")
-    original = read_model(model_path)
-    fmt = original.format
+    if reference is None:
+        reference = prepare_reference(model_path, data_path, runs, warmup, batch_size, threads)
+    if nnc_path is not None:
+        return measure_rebuild(reference, nnc_path)
     with tempfile.TemporaryDirectory(prefix="nnc-bench-") as tmp:
-        tmp_dir = Path(tmp)
-        encode_seconds = None
-        notes: list[str] = []
-        if nnc_path is None:
-            nnc_path = tmp_dir / "model.nnc"
-            encoded = api.encode(model_path, nnc_path, options, pruning, fold_batchnorm, calibration)
-            encode_seconds = encoded.seconds
-            if encoded.pruning is not None:
-                kept = encoded.pruning.parameters_after / max(encoded.pruning.parameters_before, 1)
-                notes.append(f"pruned ({encoded.pruning.method}): {100 * kept:.1f} % of parameters kept")
-        rebuilt_path = tmp_dir / f"rebuilt{FORMATS[fmt].suffixes[0]}"
-        decoded = api.decode(nnc_path, rebuilt_path)
-        if decoded.format != fmt:
-            raise UsageError(nnc_path, f"bitstream holds a {decoded.format} model but {model_path} is {fmt}")
-        original_bytes = api.model_file_bytes(model_path, original)
-        report = BenchReport(
-            model=str(model_path),
-            format=fmt,
-            original_bytes=original_bytes,
-            bitstream_bytes=decoded.bitstream_bytes,
-            ratio=original_bytes / decoded.bitstream_bytes,
-            encode_seconds=encode_seconds,
-            decode_seconds=decoded.seconds,
-            weight_snr_db=weight_snr_db(model_path, rebuilt_path),
-            notes=notes,
-        )
-        if fmt not in RUNNABLE_FORMATS:
-            report.notes.append(f"a {FORMATS[fmt].description} holds no graph: latency and accuracy need ONNX, TorchScript or .pt2")
-            return report
-
-        labels = None
-        if data_path is not None:
-            inputs, labels = load_eval_data(data_path)
-        else:
-            inputs = random_inputs(model_path, fmt, samples=max(batch_size, 64))
-            report.notes.append("no --data: fidelity measured on random inputs")
-        run_original = make_runner(model_path, fmt, threads)
-        run_rebuilt = make_runner(rebuilt_path, fmt, threads)
-        batch = inputs[:batch_size]
-        if len(batch) < batch_size:
-            batch = np.concatenate([batch] * (batch_size // max(len(batch), 1) + 1))[:batch_size]
-        try:
-            report.latency_original = measure_latency(run_original, batch, runs, warmup)
-            report.latency_rebuilt = measure_latency(run_rebuilt, batch, runs, warmup)
-            outputs_original = predict(run_original, inputs)
-            outputs_rebuilt = predict(run_rebuilt, inputs)
-        except Exception as exc:  # the runtime's own message says which input did not fit
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(data_path or model_path, f"the model cannot run on these inputs: {first_line}") from None
-        report.quality = compare_outputs(outputs_original, outputs_rebuilt, labels)
-    return report
+        nnc_path = Path(tmp) / "model.nnc"
+        encoded = api.encode(reference.path, nnc_path, options, pruning=pruning, fold_batchnorm=fold_batchnorm,
+                             calibration=calibration, progress=progress)
+        return measure_rebuild(reference, nnc_path, encoded.seconds, encode_notes(encoded))
