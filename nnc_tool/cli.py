@@ -24,6 +24,7 @@ from .progress import progress_bar
 from .prune import PruneConfig, PruneReport
 from .prune.config import ALLOCATIONS, IMPORTANCES, METHODS, NM_GRANULARITIES, SCOPES
 from .quantize.uniform import QuantSettings
+from .ratecontrol import RateTarget
 from .units import format_size, parse_size
 
 _human = format_size
@@ -95,6 +96,8 @@ def quantization_options(command):
                      help="Same QP for every weight tensor (default: per-tensor QPs by sensitivity)."),
         click.option("--rdo", type=click.FloatRange(0.0, 16.0), default=0.0, show_default=True,
                      help="Rate-aware rounding strength (0 = round to nearest)."),
+        click.option("--no-error-feedback", is_flag=True,
+                     help="With --calib: round each weight to nearest instead of compensating rounding errors (GPTQ)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -155,9 +158,37 @@ def _pruning(prune_method: str | None, sparsities: tuple[float, ...], scope: str
 
 
 def _settings(qp: int, nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool,
-              uniform_qp: bool = False, rdo: float = 0.0) -> QuantSettings:
+              uniform_qp: bool = False, rdo: float = 0.0, no_error_feedback: bool = False) -> QuantSettings:
     return QuantSettings(qp=qp, nonweight_qp=nonweight_qp, bits=bits, per_channel=per_channel, lossless=lossless,
-                         allocate=not uniform_qp, rdo=rdo)
+                         allocate=not uniform_qp, rdo=rdo, error_feedback=not no_error_feedback)
+
+
+def rate_control_options(command):
+    options = [
+        click.option("--target-size", type=ByteSize(), default=None, metavar="SIZE",
+                     help="Rate control: the finest QP whose bitstream fits SIZE (300000, 200KB, 1.5MB, 64KiB)."),
+        click.option("--target-ratio", type=click.FloatRange(0.0, min_open=True), default=None, metavar="R",
+                     help="Rate control: the finest QP that compresses at least R times."),
+        click.option("--target-snr", type=float, default=None, metavar="DB",
+                     help="Rate control: the coarsest QP whose output SNR on the --calib inputs is at least DB (ONNX)."),
+        click.option("--max-acc-drop", type=click.FloatRange(0.0, 100.0), default=None, metavar="P",
+                     help="Rate control: the coarsest QP losing at most P accuracy points on --data (ONNX)."),
+        click.option("--data", type=click.Path(dir_okay=False), default=None,
+                     help=".npz with inputs 'x' and labels 'y' for --max-acc-drop."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _rate_target(target_size: int | None, target_ratio: float | None, target_snr: float | None,
+                 max_acc_drop: float | None) -> RateTarget | None:
+    given = [v for v in (target_size, target_ratio, target_snr, max_acc_drop) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise UsageError(None, "give one of --target-size, --target-ratio, --target-snr, --max-acc-drop")
+    return RateTarget(size=target_size, ratio=target_ratio, snr_db=target_snr, max_accuracy_drop=max_acc_drop)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -187,6 +218,7 @@ def _quiet_and_verbose(quiet: bool, verbose: bool) -> None:
 @click.option("-j", "--jobs", type=click.IntRange(0, 256), default=1, show_default=True,
               help="With -d: encode this many models at once in worker processes (0 = one per CPU).")
 @quantization_options
+@rate_control_options
 @pruning_options
 @click.option("--no-fold-bn", is_flag=True, help="Keep ONNX BatchNormalization nodes instead of folding them into the layer before.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with -d: a list, one entry per MODEL).")
@@ -195,7 +227,9 @@ def _quiet_and_verbose(quiet: bool, verbose: bool) -> None:
 @handle_errors
 def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, jobs: int, qp: int,
            nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float,
-           no_fold_bn: bool, as_json: bool, quiet: bool, verbose: bool, **prune_options) -> None:
+           no_error_feedback: bool, target_size: int | None, target_ratio: float | None, target_snr: float | None,
+           max_acc_drop: float | None, data: str | None, no_fold_bn: bool, as_json: bool, quiet: bool, verbose: bool,
+           **prune_options) -> None:
     """Compress MODEL into an nnc bitstream (-o), or many MODELs into a directory (-d).
 
     With -d, a file that fails is reported (one line on stderr) and skipped, the others are
@@ -210,15 +244,21 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
         raise UsageError(None, f"-o names one bitstream but {len(models)} models were given: use -d DIR")
     if len(prune_options["sparsities"]) > 1:
         raise UsageError(None, "--sparsity takes one value when encoding; measure several with nnc bench --sparsity A,B,C")
+    target = _rate_target(target_size, target_ratio, target_snr, max_acc_drop)
+    if target is not None and output_dir is not None:
+        raise UsageError(None, "rate-control targets apply to one model at a time: use -o")
+    if data is not None and max_acc_drop is None:
+        raise UsageError(data, "--data is only used by --max-acc-drop when encoding")
     calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
-    settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo)
+    evaluation = load_eval_data(data) if data is not None else None
+    settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo, no_error_feedback)
     pruning = _pruning(calibration=calibration, **prune_options)
     if output_dir is not None:
         _encode_batch(models, output_dir, jobs, settings, pruning, not no_fold_bn, calibration, as_json, quiet, verbose)
         return
     with progress_bar(f"encode {os.path.basename(models[0])}", quiet) as bar:
         report = api.encode(models[0], output, settings, pruning=pruning, fold_batchnorm=not no_fold_bn,
-                            calibration=calibration, progress=bar)
+                            calibration=calibration, progress=bar, target=target, evaluation=evaluation)
     if as_json:
         _print_json(report.to_dict())
     elif not quiet:
@@ -272,6 +312,16 @@ def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: boo
         _echo_pruning(report.pruning, verbose, echo)
     if report.folded_batchnorms:
         echo(f"folded {report.folded_batchnorms} BatchNormalization node(s) into the layers before them")
+    rate = report.rate_control
+    if rate is not None:
+        echo(f"rate control ({rate.target}): QP {rate.chosen_qp} after {len(rate.trials)} trial encodes, {rate.achieved}")
+        if verbose:
+            for trial in rate.trials:
+                quality = "".join(
+                    f", {label} {value:.2f}" for label, value in (("SNR dB", trial.snr_db), ("accuracy %", trial.accuracy))
+                    if value is not None
+                )
+                echo(f"  qp {trial.qp:4d}: {trial.bitstream_bytes:>10} B{quality}")
     if verbose:
         for t in report.tensors:
             step = f"step {t.step:.3g}" if t.step is not None else "lossless"
@@ -377,7 +427,8 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="With a sweep: add a weight-SNR column and list every point's notes.")
 @handle_errors
 def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight_qp: int | None, bits: int | None,
-          per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float, no_fold_bn: bool, sweep_spec: str | None,
+          per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float, no_error_feedback: bool, no_fold_bn: bool,
+          sweep_spec: str | None,
           plot_path: str | None, runs: int, warmup: int, batch_size: int, threads: int,
           fail_below_accuracy: float | None, fail_above_size: int | None, fail_above_latency_ratio: float | None,
           as_json: bool, quiet: bool, verbose: bool, **prune_options) -> None:
@@ -410,7 +461,7 @@ def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight
 
         check_plot_target(plot_path)  # before the sweep, not after minutes of work
     calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
-    settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo)
+    settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo, no_error_feedback)
     pruning = _pruning(calibration=calibration, **prune_options)
     if sweeping:
         qps = parse_sweep(sweep_spec).values if sweep_spec is not None else (qp,)

@@ -90,3 +90,22 @@ def test_quality_targets_need_their_data(samples_dir: Path) -> None:
         api.encode(samples_dir / "mlp.onnx", None, target=RateTarget(max_accuracy_drop=1.0))
     with pytest.raises(UsageError, match="does not combine with lossless"):
         api.encode(samples_dir / "mlp.onnx", None, api.EncodeOptions(lossless=True), target=RateTarget(size=1000))
+
+
+def test_cli_rate_control(tmp_path: Path, samples_dir: Path) -> None:
+    from click.testing import CliRunner
+
+    from nnc_tool.cli import main
+
+    out = tmp_path / "m.nnc"
+    result = CliRunner().invoke(main, ["encode", str(samples_dir / "lenet.onnx"), "-o", str(out), "--target-size", "9KB"])
+    assert result.exit_code == 0, result.output
+    assert "rate control (bitstream <= 9000 B): QP" in result.output
+    assert out.stat().st_size <= 9000
+    both = CliRunner().invoke(main, ["encode", str(samples_dir / "lenet.onnx"), "-o", str(out),
+                                     "--target-size", "9KB", "--target-ratio", "4"])
+    assert both.exit_code == 2 and "give one of" in both.output
+    unreachable = CliRunner().invoke(main, ["encode", str(samples_dir / "lenet.onnx"), "-o", str(tmp_path / "x.nnc"),
+                                            "--target-size", "10"])
+    assert unreachable.exit_code == 2 and "cannot meet" in unreachable.output
+    assert not (tmp_path / "x.nnc").exists()
