@@ -387,7 +387,6 @@ class Evaluator:
         self.x, self.y = x, y
         self.reference = predict(make_runner(original_path, "onnx", threads=1), x)
         self.accuracy_original = 100.0 * float((self.reference.argmax(1) == y).mean())
-        self.weights = {t.name for t in original.tensors if t.role == TensorRole.WEIGHT}
 
     def __call__(self, rebuilt: nnc_tool.Model, tmp: Path, reference: nnc_tool.Model | None = None) -> tuple[float, float, float]:
         """(output SNR dB, top-1 accuracy %, weight-domain SNR dB over the WEIGHT tensors).

@@ -17,6 +17,7 @@ from typing import BinaryIO
 import numpy as np
 
 from . import __version__
+from .bench.runner import compare_outputs
 from .bitstream import container
 from .bitstream.container import UnitType
 from .bitstream.primitives import ByteReader
@@ -115,7 +116,6 @@ class StreamSummary:
     bitstream_bytes: int
     topology_bytes: int  # payload of the (compressed) topology unit
     tensors: list[TensorReport]
-    model: Model  # the model as coded (after the quantization plan)
 
 
 def write_bitstream(
@@ -176,7 +176,7 @@ def write_bitstream(
         del payload, unit
         if progress is not None:
             progress(index + 1, len(model.tensors))
-    return StreamSummary(written, len(topology), reports, model)
+    return StreamSummary(written, len(topology), reports)
 
 
 def compress_model(
@@ -298,23 +298,17 @@ def _control_rate(
         raise UsageError(model_path, f"quality targets run the model in onnxruntime; this is a {model.format} model")
     reference = None if inputs is None else run_onnx(model, inputs)
 
-    def top1(outputs: np.ndarray) -> float:
-        return 100.0 * float((outputs.reshape(len(outputs), -1).argmax(axis=1) == labels.reshape(-1)).mean())
-
     def measure(qp: int) -> Trial:
         data, _ = compress_model(model, replace(options, qp=qp), original_bytes, calibration, plan_cache=plan_cache)
         trial = Trial(qp, len(data))
         if reference is not None:
-            outputs = run_onnx(decompress_model(data), inputs)
-            noise = float(np.sum((outputs.astype(np.float64) - reference) ** 2))
-            signal = float(np.sum(reference.astype(np.float64) ** 2))
-            trial.snr_db = float("inf") if noise == 0 else 10.0 * float(np.log10(signal / noise))
-            if labels is not None:
-                trial.accuracy = top1(outputs)
+            quality = compare_outputs(reference, run_onnx(decompress_model(data), inputs), labels)
+            trial.snr_db, trial.accuracy = quality.output_snr_db, quality.accuracy_rebuilt
         return trial
 
+    original_accuracy = None if labels is None else compare_outputs(reference, reference, labels).accuracy_original
     try:
-        return search_qp(target, measure, original_bytes, None if labels is None else top1(reference))
+        return search_qp(target, measure, original_bytes, original_accuracy)
     except UsageError as err:
         raise UsageError(model_path, err.problem) from None
 
@@ -402,13 +396,9 @@ def _side_units(units: list[container.Unit]) -> tuple[dict, bytes]:
 
 
 class _CountingSink:
-    """A sink that only counts bytes (encode without an output file)."""
-
-    def __init__(self) -> None:
-        self.size = 0
+    """A sink that discards what it is given (encode without an output file: write_bitstream counts)."""
 
     def write(self, data: bytes) -> int:
-        self.size += len(data)
         return len(data)
 
 

@@ -569,12 +569,6 @@ class _SymbolMapper:
         return symbols[index], shift[index], low_bits[index]
 
 
-def _value_symbols(values: np.ndarray, model: _ValueModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(bin symbols, low-bit counts, low bits) of values under a value model."""
-    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
-    return _SymbolMapper(model, low, high, values.size)(values)
-
-
 def _value_symbols_direct(values: np.ndarray, model: _ValueModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     offsets = values - model.center
     magnitudes = np.abs(offsets)

@@ -453,9 +453,7 @@ class _ExternalData:
 
     def array(self, tensor: onnx.TensorProto, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         """A read-only view of the tensor's bytes in its data file (pages load on first use)."""
-        if self._path is None:
-            raise FormatError(None, f"tensor '{tensor.name}' refers to external data but the model has no path")
-        target, offset, length = _external_location(tensor, self._path)
+        target, offset, length = self._locate(tensor)
         count = int(np.prod(shape, dtype=np.int64))
         expected = count * dtype.itemsize
         if length is not None and length != expected:
@@ -470,13 +468,16 @@ class _ExternalData:
 
     def raw(self, tensor: onnx.TensorProto) -> bytes:
         """The stored bytes of an externally stored tensor (for tensors kept in the topology)."""
-        if self._path is None:
-            raise FormatError(None, f"tensor '{tensor.name}' refers to external data but the model has no path")
-        target, offset, length = _external_location(tensor, self._path)
+        target, offset, length = self._locate(tensor)
         if length is None:
             length = target.stat().st_size - offset
         mapping = self._mapping(tensor, target, offset, length)
         return bytes(mapping[offset : offset + length])
+
+    def _locate(self, tensor: onnx.TensorProto) -> tuple[Path, int, int | None]:
+        if self._path is None:
+            raise FormatError(None, f"tensor '{tensor.name}' refers to external data but the model has no path")
+        return _external_location(tensor, self._path)
 
     def _mapping(self, tensor: onnx.TensorProto, target: Path, offset: int, length: int):
         mapping = self._maps.get(target)

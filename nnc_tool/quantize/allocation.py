@@ -48,7 +48,7 @@ import numpy as np
 from ..fileio import release_pages
 from ..model import Model, Tensor, TensorRole
 from .rdo import GptqFactor, gptq_factor, gptq_gain, gptq_round
-from .uniform import QP_RANGE, QuantSettings, choose_steps, effective_nonweight_qp
+from .uniform import QP_RANGE, QuantSettings, choose_steps, effective_nonweight_qp, row_slices
 
 RunModel = Callable[[Model, np.ndarray], np.ndarray]
 
@@ -62,9 +62,6 @@ PROBE_NOISE = 0.01
 # Calibration samples used for the sensitivity runs and for the layer Hessians.
 SENSITIVITY_SAMPLES = 32
 HESSIAN_SAMPLES = 256
-
-# Values per block when statistics are gathered a block of rows at a time.
-_BLOCK_VALUES = 1 << 20
 
 _QUANTIZABLE = (TensorRole.WEIGHT, TensorRole.NONWEIGHT)
 _FLOATS = ("float32", "float16", "bfloat16", "float64")
@@ -88,10 +85,9 @@ def _typical_scale(array: np.ndarray) -> float:
     """
     rows = array.reshape(array.shape[0], -1) if array.ndim >= 2 else array.reshape(1, -1)
     means = np.empty(rows.shape[0], dtype=np.float64)
-    block = max(1, _BLOCK_VALUES // max(rows.shape[1], 1))
-    for start in range(0, rows.shape[0], block):
-        part = rows[start : start + block].astype(np.float64)
-        means[start : start + block] = np.einsum("ij,ij->i", part, part) / max(rows.shape[1], 1)
+    for block in row_slices(rows):
+        part = rows[block].astype(np.float64)
+        means[block] = np.einsum("ij,ij->i", part, part) / max(rows.shape[1], 1)
     release_pages(array)  # a file-mapped tensor is read again only when it is coded
     return float(np.median(np.sqrt(means)))
 

@@ -5,6 +5,7 @@ size (NNCodec uses the same convention, which keeps our QP sweeps comparable wit
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,21 +115,18 @@ def _channel_view(values: np.ndarray) -> np.ndarray:
 BLOCK_VALUES = 1 << 20
 
 
-def row_blocks(rows: np.ndarray) -> range:
-    """Start rows of blocks of about BLOCK_VALUES values (use with `rows[start : start + block_rows(rows)]`)."""
-    return range(0, rows.shape[0], block_rows(rows))
-
-
-def block_rows(rows: np.ndarray) -> int:
-    return max(1, BLOCK_VALUES // max(rows.shape[1], 1))
+def row_slices(rows: np.ndarray) -> Iterator[slice]:
+    """Consecutive slices of the first axis covering about BLOCK_VALUES values each."""
+    count = max(1, BLOCK_VALUES // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], count):
+        yield slice(start, start + count)
 
 
 def _row_peaks(rows: np.ndarray) -> np.ndarray:
     """max |value| per row (NaN if a row holds NaN, inf if it holds inf)."""
     if not rows.size:
         return np.zeros(max(rows.shape[0], 1), dtype=np.float32)
-    step = block_rows(rows)
-    return np.concatenate([np.abs(rows[start : start + step]).max(axis=1) for start in row_blocks(rows)])
+    return np.concatenate([np.abs(rows[block]).max(axis=1) for block in row_slices(rows)])
 
 
 def choose_steps(
@@ -185,11 +183,10 @@ def quantize(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> Q
         return Quantized(levels=rdo_round(scaled, float(settings.rdo)).reshape(values.shape), steps=steps, qps=qps)
     # +1: rounding may reach the next integer above the largest scaled value.
     levels = np.empty(rows.shape, dtype=np.int32 if largest + 1 < 2**31 - 1 else np.int64)
-    count = block_rows(rows)
-    for start in row_blocks(rows):
-        part = rows[start : start + count] / (row_steps[start : start + count, None] if steps.size > 1 else steps[0])
+    for block in row_slices(rows):
+        part = rows[block] / (row_steps[block, None] if steps.size > 1 else steps[0])
         np.rint(part, out=part)
-        levels[start : start + count] = part
+        levels[block] = part
     return Quantized(levels=levels.reshape(values.shape), steps=steps, qps=qps)
 
 
