@@ -72,6 +72,7 @@ import numpy as np
 import nnc_tool
 from nnc_tool.bench.runner import compare_outputs, load_eval_data, make_runner, predict
 from nnc_tool.coding.report import stream_entropy_report
+from nnc_tool.graph.activation_stats import channel_moments
 from nnc_tool.model import TensorRole
 from nnc_tool.quantize.fold import fold_batchnorm
 
@@ -412,14 +413,15 @@ class Evaluator:
 def run_ours(name: str, model: nnc_tool.Model, evaluate: Evaluator, qps: list[int], nonweight_qp: int | None,
              calibration: np.ndarray | None, tmp: Path, log) -> tuple[list[Point], dict]:
     """Our encoder's own path (what `nnc encode [--calib]` does after reading the model):
-    BatchNorm folding, the quantization plan (sensitivity allocation; with calibration data also
+    BatchNorm statistics read for bias correction, BatchNorm folding, the quantization plan (sensitivity allocation; with calibration data also
     measured sensitivities and GPTQ error feedback), coding. Encode time covers all of it."""
     points, streams = [], {}
     for qp in qps:
         options = nnc_tool.EncodeOptions(qp=qp, nonweight_qp=nonweight_qp)
         started = time.perf_counter()
+        moments = channel_moments(model)
         folded, _ = fold_batchnorm(model)
-        data, reports = nnc_tool.compress_model(folded, options, calibration=calibration)
+        data, reports = nnc_tool.compress_model(folded, options, calibration=calibration, moments=moments)
         encode_s = time.perf_counter() - started
         started = time.perf_counter()
         rebuilt = nnc_tool.decompress_model(data)

@@ -26,6 +26,7 @@ from .coding.tensors import Coding, TensorHeader, decode_tensor, encode_tensor, 
 from .errors import BitstreamError, NncError, UsageError
 from .fileio import atomic_output, release_pages, same_file
 from .formats import FORMATS, check_output_suffix, model_files, read_model, write_model
+from .graph.activation_stats import ChannelMoments, channel_moments
 from .model import Model, TensorRole
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorm as fold_batchnorms
@@ -126,6 +127,7 @@ def write_bitstream(
     calibration: np.ndarray | None = None,
     progress: Progress | None = None,
     plan_cache: dict | None = None,
+    moments: dict[str, ChannelMoments] | None = None,
 ) -> StreamSummary:
     """Code an in-memory model into a complete bitstream written to `sink`, unit by unit.
 
@@ -135,9 +137,10 @@ def write_bitstream(
     pages are released right after, so memory stays near the largest tensor, not the model.
     `progress(done, total)` is called after each tensor is coded; `plan_cache` (see
     `plan_quantization`) lets repeated calls on the same model and data skip calibration work.
+    `moments` (`channel_moments` of the model before BatchNorm folding) enable bias correction.
     """
     options = options or EncodeOptions()
-    plan = plan_quantization(model, options, calibration, cache=plan_cache)
+    plan = plan_quantization(model, options, calibration, cache=plan_cache, moments=moments)
     model = plan.model
     parameters = {
         "format": model.format,
@@ -149,6 +152,7 @@ def write_bitstream(
             "nonweight_qp": effective_nonweight_qp(options),
             "allocate": options.allocate,
             "error_feedback": options.error_feedback,
+            "bias_correction": options.bias_correction,
             "rdo": options.rdo,
             "bits": options.bits,
             "per_channel": options.per_channel,
@@ -186,10 +190,11 @@ def compress_model(
     calibration: np.ndarray | None = None,
     progress: Progress | None = None,
     plan_cache: dict | None = None,
+    moments: dict[str, ChannelMoments] | None = None,
 ) -> tuple[bytes, list[TensorReport]]:
     """Code an in-memory model into a complete bitstream (see `write_bitstream`)."""
     sink = io.BytesIO()
-    summary = write_bitstream(model, sink, options, original_bytes, calibration, progress, plan_cache)
+    summary = write_bitstream(model, sink, options, original_bytes, calibration, progress, plan_cache, moments)
     return sink.getvalue(), summary.tensors
 
 
@@ -241,20 +246,22 @@ def encode(
     prune_report = None
     if pruning is not None and (pruning.sparsity > 0 or pruning.method == "nm"):
         model, prune_report = prune(model, pruning)
-    folded = 0
-    if fold_batchnorm and not (options or EncodeOptions()).lossless:
-        model, folded = fold_batchnorms(model)
     options = options or EncodeOptions()
+    # BatchNorm statistics tell each layer's mean input; folding removes them, so read them first.
+    moments = channel_moments(model) if options.bias_correction and not options.lossless else {}
+    folded = 0
+    if fold_batchnorm and not options.lossless:
+        model, folded = fold_batchnorms(model)
     plan_cache: dict = {}
     rate_report = None
     if target is not None:
-        rate_report = _control_rate(model, model_path, options, target, original_bytes, calibration, evaluation, plan_cache)
+        rate_report = _control_rate(model, model_path, options, target, original_bytes, calibration, evaluation, plan_cache, moments)
         options = replace(options, qp=rate_report.chosen_qp)
     if output_path is None:
-        summary = write_bitstream(model, _CountingSink(), options, original_bytes, calibration, progress, plan_cache)
+        summary = write_bitstream(model, _CountingSink(), options, original_bytes, calibration, progress, plan_cache, moments)
     else:
         with atomic_output(output_path) as tmp, open(tmp, "wb") as sink:
-            summary = write_bitstream(model, sink, options, original_bytes, calibration, progress, plan_cache)
+            summary = write_bitstream(model, sink, options, original_bytes, calibration, progress, plan_cache, moments)
     return EncodeReport(
         input=str(model_path),
         output=None if output_path is None else str(output_path),
@@ -282,6 +289,7 @@ def _control_rate(
     calibration: np.ndarray | None,
     evaluation: tuple[np.ndarray, np.ndarray] | None,
     plan_cache: dict,
+    moments: dict[str, ChannelMoments],
 ) -> RateControlReport:
     if options.lossless or options.bits is not None:
         raise UsageError(None, "rate control chooses the QP: it does not combine with lossless or --bits")
@@ -299,7 +307,7 @@ def _control_rate(
     reference = None if inputs is None else run_onnx(model, inputs)
 
     def measure(qp: int) -> Trial:
-        data, _ = compress_model(model, replace(options, qp=qp), original_bytes, calibration, plan_cache=plan_cache)
+        data, _ = compress_model(model, replace(options, qp=qp), original_bytes, calibration, plan_cache=plan_cache, moments=moments)
         trial = Trial(qp, len(data))
         if reference is not None:
             quality = compare_outputs(reference, run_onnx(decompress_model(data), inputs), labels)

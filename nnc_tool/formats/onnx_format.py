@@ -562,11 +562,16 @@ def from_proto(proto: onnx.ModelProto, metadata: dict[str, str] | None = None, p
     return Model(format=FORMAT_NAME, topology=topology, tensors=tensors, metadata=dict(metadata or {}))
 
 
-def to_proto(model: Model) -> onnx.ModelProto:
-    """The complete in-memory ModelProto (all weights inline) for graph analysis and rewriting."""
+def to_proto(model: Model, max_elements: int | None = None) -> onnx.ModelProto:
+    """The complete in-memory ModelProto (all weights inline) for graph analysis and rewriting.
+
+    With `max_elements`, larger tensors keep only their dims: enough for shape inference (whose
+    shape arithmetic reads small constants only) without copying the weights.
+    """
     proto, slots, arrays = _assemble(model, None)
     for slot, array in zip(slots, arrays):
-        slot.proto.raw_data = _bytes_view(array).tobytes()
+        if max_elements is None or array.size <= max_elements:
+            slot.proto.raw_data = _bytes_view(array).tobytes()
     return proto
 
 

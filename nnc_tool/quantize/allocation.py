@@ -46,9 +46,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..fileio import release_pages
+from ..graph.activation_stats import ChannelMoments, layer_inputs
 from ..model import Model, Tensor, TensorRole
+from .bias_correction import correct_biases
 from .rdo import GptqFactor, gptq_factor, gptq_gain, gptq_round
-from .uniform import QP_RANGE, QuantSettings, choose_steps, effective_nonweight_qp, row_slices
+from .uniform import QP_RANGE, QuantSettings, choose_steps, dequantize, effective_nonweight_qp, quantize, row_slices
 
 RunModel = Callable[[Model, np.ndarray], np.ndarray]
 
@@ -249,6 +251,7 @@ class QuantPlan:
     settings: dict[str, QuantSettings]
     qps: dict[str, int] = field(default_factory=dict)
     compensated: list[str] = field(default_factory=list)  # tensors quantized with error feedback
+    corrected: list[str] = field(default_factory=list)  # biases corrected for their weight's rounding
     notes: list[str] = field(default_factory=list)  # e.g. why calibration data went unused
 
     def settings_for(self, tensor: Tensor, default: QuantSettings) -> QuantSettings:
@@ -265,6 +268,7 @@ def plan_quantization(
     error_feedback: bool | None = None,
     sensitivities: dict[str, float] | None = None,
     cache: dict | None = None,
+    moments: dict[str, ChannelMoments] | None = None,
 ) -> QuantPlan:
     """Per-tensor QPs (allocate) and, for ONNX models with calibration data, GPTQ error feedback.
 
@@ -274,6 +278,8 @@ def plan_quantization(
     to do (lossless, `bits` mode, allocate=False without calibration). `cache` (a dict the
     caller keeps) holds what depends on the model and calibration data but not on the QP
     (sensitivities, layer Hessians), so repeated plans at other QPs (rate control) skip them.
+    `moments` (graph.activation_stats.channel_moments of the model before BatchNorm folding)
+    enable bias correction (`settings.bias_correction`) of the layers whose mean input they tell.
     """
     allocate = settings.allocate if allocate is None else allocate
     error_feedback = settings.error_feedback if error_feedback is None else error_feedback
@@ -303,8 +309,10 @@ def plan_quantization(
             model, settings, calibration if calibrated else None, run_model, sensitivities=sensitivities, gains=gains
         )
     per_tensor = tensor_settings(model, settings, qps)
+    inputs = layer_inputs(model, moments) if settings.bias_correction and moments else {}
     if not hessians:
-        return QuantPlan(model, per_tensor, qps, notes=notes)
+        model, corrected = correct_biases(model, inputs, lambda t: _reconstruction(t, per_tensor.get(t.name, settings)))
+        return QuantPlan(model, per_tensor, qps, corrected=corrected, notes=notes)
 
     tensors, compensated = [], []
     for t in model.tensors:
@@ -322,7 +330,21 @@ def plan_quantization(
         # The values already lie on the grid: code them as they are.
         per_tensor[t.name] = replace(own, rdo=0.0)
         compensated.append(t.name)
-    return QuantPlan(replace(model, tensors=tensors), per_tensor, qps, compensated, notes)
+    planned = replace(model, tensors=tensors)
+    # Compensated weights already hold their reconstruction; the others are rounded as the coder will.
+    planned, corrected = correct_biases(
+        planned,
+        inputs,
+        lambda t: t.array if t.name in compensated else _reconstruction(t, per_tensor.get(t.name, settings)),
+        originals=model.tensor_map(),
+    )
+    return QuantPlan(planned, per_tensor, qps, compensated, corrected, notes)
+
+
+def _reconstruction(tensor: Tensor, settings: QuantSettings) -> np.ndarray | None:
+    """The values the decoder will rebuild for `tensor` coded with `settings` (None: coded exactly)."""
+    quantized = quantize(tensor.array, tensor.role, settings)
+    return None if quantized is None else dequantize(quantized.levels, quantized.steps)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ class QuantSettings:
         output sensitivities when calibration data is given, else from a data-free proxy.
     error_feedback: with calibration data and an ONNX model, choose the levels of Conv / Gemm /
         MatMul weights with GPTQ error feedback (quantize/rdo.py).
+    bias_correction: subtract from each Conv / Gemm bias the mean output shift its weight's
+        rounding causes, where BatchNorm statistics tell the layer's mean input
+        (quantize/bias_correction.py); needs the BatchNorm-carrying model's moments.
     Per-tensor choices (allocate, error_feedback) are made once per model by
     `allocation.plan_quantization`; `quantize` itself only sees one tensor's settings.
     """
@@ -56,6 +59,7 @@ class QuantSettings:
     rdo: float = 0.0
     allocate: bool = True
     error_feedback: bool = True
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.rdo, bool):
