@@ -531,6 +531,26 @@ def breakdown(result: ModelResult, model: nnc_tool.Model, ours: dict, nncodec: d
 # --------------------------------------------------------------------------------------------
 
 
+def matched_speed(ours: list[Point], theirs: list[Point], accuracy_floor: float) -> list[dict]:
+    """Our encode/decode time at each NNCodec point's output SNR (linear in SNR between our two
+    nearest points), for the NNCodec points inside our SNR range; `useful` marks points whose
+    accuracy is within USEFUL_ACCURACY_DROP of the original's."""
+    ordered = sorted(ours, key=lambda p: p.snr_db)
+    snrs = np.array([p.snr_db for p in ordered])
+    rows = []
+    for p in sorted(theirs, key=lambda p: -p.snr_db):
+        if not snrs[0] <= p.snr_db <= snrs[-1]:
+            continue
+        enc = float(np.interp(p.snr_db, snrs, [q.encode_s for q in ordered]))
+        dec = float(np.interp(p.snr_db, snrs, [q.decode_s for q in ordered]))
+        rows.append({
+            "nncodec_qp": p.qp, "snr_db": p.snr_db, "useful": p.accuracy >= accuracy_floor,
+            "nncodec_encode_s": p.encode_s, "nncodec_decode_s": p.decode_s, "nnc_encode_s": enc, "nnc_decode_s": dec,
+            "encode_ratio": enc / p.encode_s, "decode_ratio": dec / p.decode_s,
+        })
+    return rows
+
+
 def print_table(results: list[ModelResult]) -> None:
     print()
     print(f"{'model':<10} {'coder':<8} {'qp':>4} {'bytes':>10} {'wt bytes':>10} {'SNR dB':>7} {'acc %':>6} {'wSNR dB':>7} {'enc s':>7} {'dec s':>7}")
@@ -559,6 +579,20 @@ def print_table(results: list[ModelResult]) -> None:
             f"{r.model:<10} {r.parameters:>10} {fmt(bd.get('snr_weights_pchip')):>13} {fmt(bd.get('snr_weights_cubic')):>13} {fmt(bd.get('snr_weights_useful_pchip')):>14} "
             f"{fmt(bd.get('snr_total_pchip')):>10} {fmt(bd.get('weight_snr_weights_pchip')):>8} {fmt(bd.get('accuracy_weights_pchip')):>8} {rng_s:>14}  {times}"
         )
+    speed = [r for r in results if r.bd_rate.get("matched_speed")]
+    if speed:
+        print()
+        print("Speed at equal output SNR (ours interpolated at each NNCodec point's SNR; * = accuracy within"
+              f" {USEFUL_ACCURACY_DROP:g} point of the original)")
+        print(f"{'model':<10} {'NNCodec qp':>10} {'SNR dB':>7} {'NNCodec enc/dec s':>18} {'nnc enc/dec s':>14} {'enc ratio':>9} {'dec ratio':>9}")
+        for r in speed:
+            for row in r.bd_rate["matched_speed"]:
+                mark = "*" if row["useful"] else " "
+                print(
+                    f"{r.model:<10} {row['nncodec_qp']:>9}{mark} {row['snr_db']:>7.2f} "
+                    f"{row['nncodec_encode_s']:>8.2f} / {row['nncodec_decode_s']:<7.2f} {row['nnc_encode_s']:>5.2f} / {row['nnc_decode_s']:<5.2f} "
+                    f"{row['encode_ratio']:>8.3f}x {row['decode_ratio']:>8.3f}x"
+                )
     print()
     print(f"Where the bytes go (our QP {MATCH_QP}, or mid-sweep if absent, vs NNCodec at the QP of nearest output SNR):")
     for r in results:
@@ -724,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
             low = max(min(p.snr_db for p in ours_p), min(p.snr_db for p in theirs_p))
             high = min(max(p.snr_db for p in ours_p), max(p.snr_db for p in theirs_p))
             bd["snr_range_db"] = [low, high] if high > low else None
+            bd["matched_speed"] = matched_speed(ours_p, theirs_p, floor)
             bd["time"] = {
                 "nnc_enc": sum(p.encode_s for p in ours_p), "nnc_dec": sum(p.decode_s for p in ours_p),
                 "nncodec_enc": sum(p.encode_s for p in theirs_p), "nncodec_dec": sum(p.decode_s for p in theirs_p),
