@@ -64,6 +64,8 @@ PROBE_NOISE = 0.01
 # Calibration samples used for the sensitivity runs and for the layer Hessians.
 SENSITIVITY_SAMPLES = 32
 HESSIAN_SAMPLES = 256
+# Patch rows per Hessian column beyond which a convolution's output positions are subsampled.
+HESSIAN_ROWS_PER_COLUMN = 32
 
 _QUANTIZABLE = (TensorRole.WEIGHT, TensorRole.NONWEIGHT)
 _FLOATS = ("float32", "float16", "bfloat16", "float64")
@@ -582,6 +584,13 @@ def _conv_hessians(act: np.ndarray, shape: tuple[int, ...], attrs: dict) -> list
     cols = per_in * int(np.prod(kernel))
     # Move C next to the kernel axes: N, out..., C, k...
     axes = (0,) + tuple(range(2, 2 + spatial)) + (1,) + tuple(range(2 + spatial, 2 + 2 * spatial))
+    # Wide early layers have far more patch rows than a [cols, cols] Hessian needs (ResNet-18's
+    # first stage: 65 536 rows for 576 columns): keep every k-th output position along each
+    # spatial axis so that about HESSIAN_ROWS_PER_COLUMN rows per column remain.
+    total = act.shape[0] * int(np.prod(windows.shape[2 : 2 + spatial]))
+    keep = max(1, int((total / (HESSIAN_ROWS_PER_COLUMN * cols)) ** (1.0 / spatial))) if spatial else 1
+    if keep > 1:
+        windows = windows[(slice(None), slice(None)) + (slice(None, None, keep),) * spatial]
     positions = int(np.prod(windows.shape[2 : 2 + spatial]))
     per_chunk = max(1, 4096 // max(positions, 1))  # samples per im2col chunk (~4096 patch rows)
     groups = []
