@@ -3,6 +3,7 @@ and the bias change that cancels the mean output shift of rounded weights (quant
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -17,6 +18,7 @@ from nnc_tool.cli import main
 from nnc_tool.formats.onnx_format import from_proto, to_proto
 from nnc_tool.graph.activation_stats import channel_moments, layer_inputs
 from nnc_tool.quantize.fold import fold_batchnorm
+from nnc_tool.quantize.allocation import plan_quantization
 from nnc_tool.quantize.uniform import QuantSettings
 
 RNG = np.random.default_rng(7)
@@ -117,6 +119,24 @@ def test_expected_input_counts_padding_per_tap() -> None:
                                np.broadcast_to(moments["r"].mean[:, None, None], (C, 3, 3)))
 
 
+def test_removable_share_matches_sampled_layer_errors() -> None:
+    # Random weight errors dW: the share of the output error energy sum(dW x)^2 that is the
+    # per-channel mean over positions (what bias correction removes) is `removable`.
+    proto = _bn_relu_conv(4, 1)
+    model = _as_model(proto)
+    layer = layer_inputs(model, channel_moments(model))["conv.weight"]
+    assert 0.2 < layer.removable < 0.8
+    _, act = _run(proto, _feeds(proto, 2000), ["r"])
+    padded = np.pad(act, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))  # n, C, 4, 4, 3, 3
+    patches = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, 4 * 4, C * 9)  # n, positions, taps
+    errors = RNG.normal(size=(400, C * 9))
+    out = np.einsum("npk,ek->enp", patches, errors)  # error output per (error draw, sample, position)
+    total = np.mean(out**2)
+    mean_shift = np.mean(out.mean(axis=(1, 2)) ** 2)
+    assert abs(mean_shift / total - layer.removable) < 0.05, (mean_shift / total, layer.removable)
+
+
 def test_bias_correction_cancels_the_mean_output_shift() -> None:
     proto = _bn_relu_conv(4, 1)
     model = _as_model(proto)
@@ -156,7 +176,9 @@ def test_cli_switch_changes_only_biases(samples_dir, tmp_path) -> None:
     decoded = {}
     for flag in ([], ["--no-bias-correction"]):
         out = tmp_path / f"m{len(flag)}.nnc"
-        result = runner.invoke(main, ["encode", str(samples_dir / "mobilenet.onnx"), "-o", str(out), "--qp", "-30", "-q", *flag])
+        # One QP for every weight: the allocation (which also credits bias correction) stays out of it.
+        result = runner.invoke(main, ["encode", str(samples_dir / "mobilenet.onnx"), "-o", str(out), "--qp", "-30",
+                                      "--uniform-qp", "-q", *flag])
         assert result.exit_code == 0, result.output
         info = runner.invoke(main, ["info", str(out), "--json"])
         assert json.loads(info.output)["parameters"]["settings"]["bias_correction"] is not bool(flag)
@@ -167,3 +189,25 @@ def test_cli_switch_changes_only_biases(samples_dir, tmp_path) -> None:
     # Weights are rounded the same way; only the biases of layers after a BatchNorm + Relu move.
     assert changed and all(name.endswith("bias") for name in changed), changed
     assert all(plain[name].role.name == "NONWEIGHT" for name in changed)
+
+
+def test_allocation_credits_the_corrected_share(samples_dir) -> None:
+    original = read_model(samples_dir / "resnet.onnx")
+    moments = channel_moments(original)
+    folded, _ = fold_batchnorm(original)
+    inputs = layer_inputs(folded, moments)
+    settings = QuantSettings(qp=-30)
+    plain = plan_quantization(folded, replace(settings, bias_correction=False), moments=moments).qps
+    credited = plan_quantization(folded, settings, moments=moments).qps
+    sizes = {t.name: t.array.size for t in folded.tensors}
+    weights = [n for n in plain if n in sizes and folded.tensor_map()[n].role.name == "WEIGHT"]
+    # Corrected layers lose a third or more of their error: relative to the others they get
+    # coarser steps, and the size-weighted mean QP stays at the requested one.
+    shift = {n: credited[n] - plain[n] for n in weights}
+    corrected = [n for n in weights if n in inputs and inputs[n].removable > 0.2]
+    others = [n for n in weights if n not in corrected]
+    assert corrected and others
+    assert min(shift[n] for n in corrected) >= max(shift[n] for n in others), shift
+    assert np.mean([shift[n] for n in corrected]) > np.mean([shift[n] for n in others]), shift
+    mean = sum(credited[n] * sizes[n] for n in weights) / sum(sizes[n] for n in weights)
+    assert abs(mean - settings.qp) <= 1.0

@@ -67,6 +67,9 @@ class LayerInput:
     bias: str
     expected: np.ndarray
     out_axis: int  # the weight axis that enumerates the bias entries
+    # Share of the output error energy of independent weight errors that is a mean shift (and
+    # so removed by bias correction): sum of E[x]^2 / sum of E[x^2] over the taps; 0 if unknown.
+    removable: float = 0.0
 
 
 def _topology(model: Model) -> onnx.ModelProto:
@@ -197,10 +200,10 @@ def layer_inputs(model: Model, moments: dict[str, ChannelMoments]) -> dict[str, 
             entry = _gemm_input(node, weight.array.shape, stats)
         if entry is None:
             continue
-        expected, out_axis = entry
+        expected, out_axis, removable = entry
         if bias.array.size != weight.array.shape[out_axis]:
             continue
-        found[weight_name] = LayerInput(weight_name, bias_name, expected, out_axis)
+        found[weight_name] = LayerInput(weight_name, bias_name, expected, out_axis, removable)
     return found
 
 
@@ -290,11 +293,16 @@ def _conv_input(node: onnx.NodeProto, shape: tuple[int, ...], stats: ChannelMome
     per_in, per_out = channels // group, shape[0] // group
     means = stats.mean.reshape(group, 1, per_in, *([1] * spatial))
     expected = means * coverage.reshape(1, 1, 1, *kernel)  # group, 1, per_in, k...
+    removable = 0.0
+    if stats.var is not None:
+        # Per tap: the mean over output positions is mean * coverage; E[x^2] is (mean^2 + var) * coverage.
+        squares = (stats.mean**2 + stats.var).reshape(means.shape) * coverage.reshape(1, 1, 1, *kernel)
+        removable = float(np.sum(expected**2) / np.sum(squares)) if np.sum(squares) > 0 else 0.0
     if group > 1:
         expected = np.broadcast_to(expected, (group, per_out, per_in, *kernel)).reshape(shape)
     else:
         expected = expected.reshape(1, per_in, *kernel)
-    return expected, 0
+    return expected, 0, removable
 
 
 def _gemm_input(node: onnx.NodeProto, shape: tuple[int, ...], stats: ChannelMoments):
@@ -312,5 +320,9 @@ def _gemm_input(node: onnx.NodeProto, shape: tuple[int, ...], stats: ChannelMome
         return None
     # Flatten(axis=1) of N, C, H, W is channel-major: each channel's mean repeats H*W times.
     # Y = alpha * A B + beta * C: a shift of the product is undone by C changing 1/beta as much.
-    mean = np.repeat(stats.mean, features // channels) * (alpha / beta)
-    return (mean[None, :], 0) if transposed else (mean[:, None], 1)
+    repeat = features // channels
+    removable = 0.0
+    if stats.var is not None:
+        removable = float(np.sum(stats.mean**2) / np.sum(stats.mean**2 + stats.var)) if np.any(stats.mean**2 + stats.var) else 0.0
+    mean = np.repeat(stats.mean, repeat) * (alpha / beta)
+    return ((mean[None, :], 0) if transposed else (mean[:, None], 1)) + (removable,)
