@@ -196,7 +196,33 @@ def _rate_target(target_size: int | None, target_ratio: float | None, target_snr
     return RateTarget(size=target_size, ratio=target_ratio, snr_db=target_snr, max_accuracy_drop=max_acc_drop)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# click >= 8.2 raises this for a group called without a command (older releases print and exit).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _OneLineErrors(click.Group):
+    """click reports a bad option value or a missing argument with a usage block; scripts and CI
+    logs get the same one line (and exit code 2) as every other nnc error instead."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as err:  # bare `nnc`: the help text, as click would show it
+            click.echo(err.ctx.get_help() if err.ctx is not None else err.format_message(), err=True)
+            sys.exit(2)
+        except click.UsageError as err:
+            command = err.ctx.command_path if err.ctx is not None else "nnc"
+            _fail(f"{err.format_message()} (see '{command} --help')", err.exit_code)
+        except click.ClickException as err:
+            _fail(err.format_message(), err.exit_code)
+        except click.exceptions.Abort:
+            _fail("interrupted", 130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(name="nnc", cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nnc")
 def main() -> None:
     """Compress neural networks (ONNX, PyTorch, safetensors) into compact NNC-style bitstreams."""

@@ -171,6 +171,28 @@ def test_missing_file_is_rejected(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("encode", tmp_path / "nope.onnx", "-o", tmp_path / "o.nnc"), "nope.onnx")
 
 
+@pytest.mark.parametrize(
+    "arguments, fragments",
+    [
+        (["encode", "m.onnx", "-o", "o.nnc", "--qp", "999"], ["'--qp'", "999", "nnc encode --help"]),
+        (["encode", "m.onnx", "-o", "o.nnc", "--rdo", "many"], ["'--rdo'", "many"]),
+        (["encode", "m.onnx", "-o", "o.nnc", "--bogus"], ["'--bogus'"]),
+        (["encode"], ["MODEL"]),
+        (["decode", "in.nnc"], ["'-o'"]),
+        (["frobnicate"], ["'frobnicate'", "nnc --help"]),
+    ],
+)
+def test_option_errors_are_one_line(arguments: list[str], fragments: list[str]) -> None:
+    """click's own usage errors (bad values, unknown options, missing arguments) follow the same
+    one-line rule as every other error, with exit code 2."""
+    assert_one_line_error(run_cli(*arguments), *fragments)
+
+
+def test_bare_command_prints_help_and_exits_2() -> None:
+    result = run_cli()
+    assert result.exit_code == 2 and "Usage: nnc" in result.output and "encode" in result.output
+
+
 @pytest.fixture(scope="module")
 def lenet_stream(tmp_path_factory) -> bytes:
     path = tmp_path_factory.mktemp("stream") / "lenet.nnc"
