@@ -93,11 +93,13 @@ def encode_one(
     fold_batchnorm: bool = True,
     calibration: np.ndarray | None = None,
     progress: api.Progress | None = None,
+    target: api.RateTarget | None = None,
+    evaluation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Outcome:
     """Encode one file; every failure but an interrupt becomes the Outcome's error text."""
     try:
         report = api.encode(model_path, output_path, options, pruning=pruning, fold_batchnorm=fold_batchnorm,
-                            calibration=calibration, progress=progress)
+                            calibration=calibration, progress=progress, target=target, evaluation=evaluation)
     except NncError as err:
         message = str(err) if err.path is not None else f"{model_path}: {err.problem}"
         return Outcome(model_path, output_path, error=message, exit_code=err.exit_code)
@@ -119,8 +121,12 @@ def encode_many(
     jobs: int = 1,
     on_done: Callable[[Outcome], None] | None = None,
     job: Job = encode_one,
+    target: api.RateTarget | None = None,
+    evaluation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> BatchResult:
     """Encode every input to OUTDIR/<stem>.nnc, `jobs` at a time in worker processes.
+
+    `target` (rate control) is met by each model on its own, e.g. every bitstream within a size.
 
     `on_done(outcome)` is called in this process as each file finishes (in completion order);
     the result lists outcomes in input order. `job` must be a module-level function with
@@ -129,7 +135,8 @@ def encode_many(
     inputs = [os.fspath(p) for p in inputs]
     outputs = [os.fspath(p) for p in output_paths(inputs, output_dir)]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    arguments = [(i, o, options, pruning, fold_batchnorm, calibration) for i, o in zip(inputs, outputs)]
+    # The progress slot stays empty: a worker's progress cannot reach this process.
+    arguments = [(i, o, options, pruning, fold_batchnorm, calibration, None, target, evaluation) for i, o in zip(inputs, outputs)]
     results: dict[int, Outcome] = {}
 
     def finish(index: int, outcome: Outcome) -> None:

@@ -276,8 +276,6 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
     if len(prune_options["sparsities"]) > 1:
         raise UsageError(None, "--sparsity takes one value when encoding; measure several with nnc bench --sparsity A,B,C")
     target = _rate_target(target_size, target_ratio, target_snr, max_acc_drop)
-    if target is not None and output_dir is not None:
-        raise UsageError(None, "rate-control targets apply to one model at a time: use -o")
     if data is not None and max_acc_drop is None:
         raise UsageError(data, "--data is only used by --max-acc-drop when encoding")
     calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
@@ -286,7 +284,8 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
                          no_bias_correction)
     pruning = _pruning(calibration=calibration, **prune_options)
     if output_dir is not None:
-        _encode_batch(models, output_dir, jobs, settings, pruning, not no_fold_bn, calibration, as_json, quiet, verbose)
+        _encode_batch(models, output_dir, jobs, settings, pruning, not no_fold_bn, calibration, as_json, quiet, verbose,
+                      target, evaluation)
         return
     with progress_bar(f"encode {os.path.basename(models[0])}", quiet) as bar:
         report = api.encode(models[0], output, settings, pruning=pruning, fold_batchnorm=not no_fold_bn,
@@ -299,7 +298,7 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
 
 def _encode_batch(models: tuple[str, ...], output_dir: str, jobs: int, settings: QuantSettings,
                   pruning: PruneConfig | None, fold_batchnorm: bool, calibration, as_json: bool, quiet: bool,
-                  verbose: bool) -> None:
+                  verbose: bool, target: RateTarget | None = None, evaluation=None) -> None:
     started = time.perf_counter()
     jobs = jobs or os.cpu_count() or 1
     with progress_bar("encode", quiet) as bar:
@@ -314,9 +313,13 @@ def _encode_batch(models: tuple[str, ...], output_dir: str, jobs: int, settings:
                 bar.echo(_encode_line(outcome.report))
                 if verbose:
                     _echo_encode_details(outcome.report, bar.echo)
+                elif outcome.report.rate_control is not None:
+                    rate = outcome.report.rate_control
+                    bar.echo(f"  rate control ({rate.target}): QP {rate.chosen_qp}, {rate.achieved}")
             bar(done, len(models))
 
-        result = encode_many(models, output_dir, settings, pruning, fold_batchnorm, calibration, jobs, on_done)
+        result = encode_many(models, output_dir, settings, pruning, fold_batchnorm, calibration, jobs, on_done,
+                             target=target, evaluation=evaluation)
     if as_json:
         _print_json([o.to_dict() for o in result.outcomes])
     elif not quiet:

@@ -109,3 +109,24 @@ def test_cli_rate_control(tmp_path: Path, samples_dir: Path) -> None:
                                             "--target-size", "10"])
     assert unreachable.exit_code == 2 and "cannot meet" in unreachable.output
     assert not (tmp_path / "x.nnc").exists()
+
+
+def test_cli_rate_control_per_model_in_a_batch(tmp_path: Path, samples_dir: Path) -> None:
+    """With -d each model meets the target on its own; one that cannot is reported and skipped."""
+    from click.testing import CliRunner
+
+    from nnc_tool.cli import main
+
+    models = [str(samples_dir / f"{name}.onnx") for name in ("lenet", "mlp", "resnet")]
+    result = CliRunner().invoke(main, ["encode", *models, "-d", str(tmp_path), "--target-ratio", "6", "--jobs", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("rate control (ratio >= 6") == 3
+    for name in ("lenet", "mlp", "resnet"):
+        original = (samples_dir / f"{name}.onnx").stat().st_size
+        assert original / (tmp_path / f"{name}.nnc").stat().st_size >= 6.0
+    # 1.2 KB fits lenet's smallest bitstream (920 B) but not resnet's (1485 B): resnet fails alone.
+    out = tmp_path / "sized"
+    sized = CliRunner().invoke(main, ["encode", models[0], models[2], "-d", str(out), "--target-size", "1200"])
+    assert sized.exit_code == 2
+    assert (out / "lenet.nnc").stat().st_size <= 1200 and not (out / "resnet.nnc").exists()
+    assert "resnet.onnx" in sized.output and "cannot meet" in sized.output
