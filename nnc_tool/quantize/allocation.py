@@ -311,11 +311,14 @@ def plan_quantization(
             cache["sensitivities"] = measure_sensitivities(model, calibration, run_model)
         sensitivities = cache["sensitivities"]
     inputs = layer_inputs(model, moments) if settings.bias_correction and moments else {}
+    # Error feedback already cancels the mean shift as the calibration data has it; the BatchNorm
+    # estimate would only add its own error there (sample resnet, QP -42/-34/-26: -2.1/-1.3/-2.6 dB).
+    inputs = {name: layer for name, layer in inputs.items() if name not in hessians}
     if allocate:
         # Error feedback shapes a layer's error (GPTQ's predicted gain); otherwise bias correction
         # removes its mean-shift share. Either makes the tensor less sensitive per unit of noise.
         gains = {name: 1.0 - layer.removable for name, layer in inputs.items() if layer.removable > 0}
-        gains.update({name: lh.gain() for name, lh in hessians.items()})
+        gains.update({name: lh.gain() for name, lh in hessians.items()})  # disjoint from `inputs`
         qps = allocate_qps(
             model, settings, calibration if calibrated else None, run_model, sensitivities=sensitivities, gains=gains
         )
