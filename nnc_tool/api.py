@@ -65,6 +65,7 @@ class EncodeReport:
     tensors: list[TensorReport] = field(default_factory=list)
     pruning: PruneReport | None = None
     folded_batchnorms: int = 0
+    corrected_biases: int = 0  # layers whose bias absorbed the mean shift of their rounded weights
     qp: int | None = None  # the weight QP used (chosen by rate control when a target was given)
     rate_control: RateControlReport | None = None
 
@@ -117,6 +118,7 @@ class StreamSummary:
     bitstream_bytes: int
     topology_bytes: int  # payload of the (compressed) topology unit
     tensors: list[TensorReport]
+    corrected_biases: list[str] = field(default_factory=list)
 
 
 def write_bitstream(
@@ -180,7 +182,7 @@ def write_bitstream(
         del payload, unit
         if progress is not None:
             progress(index + 1, len(model.tensors))
-    return StreamSummary(written, len(topology), reports)
+    return StreamSummary(written, len(topology), reports, plan.corrected)
 
 
 def compress_model(
@@ -275,6 +277,7 @@ def encode(
         tensors=summary.tensors,
         pruning=prune_report,
         folded_batchnorms=folded,
+        corrected_biases=len(summary.corrected_biases),
         qp=options.qp,
         rate_control=rate_report,
     )

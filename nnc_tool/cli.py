@@ -347,6 +347,8 @@ def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: boo
         _echo_pruning(report.pruning, verbose, echo)
     if report.folded_batchnorms:
         echo(f"folded {report.folded_batchnorms} BatchNormalization node(s) into the layers before them")
+    if report.corrected_biases:
+        echo(f"bias correction: {report.corrected_biases} layer(s) absorb the mean shift of their rounded weights")
     rate = report.rate_control
     if rate is not None:
         echo(f"rate control ({rate.target}): QP {rate.chosen_qp} after {len(rate.trials)} trial encodes, {rate.achieved}")

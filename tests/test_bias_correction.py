@@ -228,3 +228,14 @@ def test_error_feedback_layers_are_left_to_gptq(samples_dir) -> None:
     plain = plan_quantization(folded, QuantSettings(qp=-30, bias_correction=False), calibration, moments=moments)
     for name, tensor in plain.model.tensor_map().items():
         np.testing.assert_array_equal(tensor.array, plan.model.tensor_map()[name].array)
+
+
+def test_encode_report_counts_corrected_layers(samples_dir) -> None:
+    path = samples_dir / "resnet.onnx"
+    # Every conv after the stem (whose input is the image) and the classifier: 8 + 1.
+    assert api.encode(path, None, QuantSettings(qp=-30)).corrected_biases == 9
+    assert api.encode(path, None, QuantSettings(qp=-30, bias_correction=False)).corrected_biases == 0
+    with np.load(samples_dir / "digits_calib.npz") as data:
+        calibration = data["x"][:64]
+    # With calibration data every layer gets GPTQ error feedback instead.
+    assert api.encode(path, None, QuantSettings(qp=-30), calibration=calibration).corrected_biases == 0
