@@ -25,6 +25,7 @@ probabilities): bins or patterns with constriction `Categorical` models, low bit
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 import math
 from dataclasses import dataclass, field
 
@@ -106,8 +107,18 @@ def encode_integers(values: np.ndarray, shape: tuple[int, ...] | None = None) ->
     return min(built, key=len)
 
 
-def decode_integers(data: bytes | memoryview, shape: int | tuple[int, ...], stats: StreamStats | None = None) -> np.ndarray:
-    """Inverse of `encode_integers`: the values in row-major order (int64, 1-D)."""
+def decode_integers(
+    data: bytes | memoryview,
+    shape: int | tuple[int, ...],
+    stats: StreamStats | None = None,
+    value_map: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Inverse of `encode_integers`: the values in row-major order (int64, 1-D).
+
+    With `value_map` (an element-wise map of int64 values, e.g. dequantization to float32) the
+    result is `value_map(values)`; a BINNED stream applies it to its small per-symbol table and
+    gathers once, instead of passing every value through int64 arithmetic and the map.
+    """
     shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
     count = math.prod(shape)
     if count > MAX_VALUES or any(d < 0 for d in shape):
@@ -119,7 +130,8 @@ def decode_integers(data: bytes | memoryview, shape: int | tuple[int, ...], stat
     if method == Method.FIXED:
         values = _decode_fixed(reader, parameter, count, local)
     elif method == Method.BINNED:
-        values = _decode_binned(reader, parameter, count, local)
+        values = _decode_binned(reader, parameter, count, local, value_map)
+        value_map = None  # applied
     elif method == Method.PATTERN:
         values = _decode_pattern(reader, parameter, shape, local)
     else:
@@ -129,7 +141,7 @@ def decode_integers(data: bytes | memoryview, shape: int | tuple[int, ...], stat
     local.methods[Method(method).name.lower()] = 1
     if stats is not None:
         stats.add(local)
-    return values
+    return values if value_map is None else value_map(values)
 
 
 def estimated_bits(values: np.ndarray, shape: tuple[int, ...] | None = None) -> float:
@@ -764,7 +776,7 @@ def _value_payload(values: np.ndarray, model: _ValueModel, ans: _AnsWriter) -> b
     return ans.getvalue()
 
 
-def _decode_binned(reader: ByteReader, b: int, count: int, stats: StreamStats) -> np.ndarray:
+def _decode_binned(reader: ByteReader, b: int, count: int, stats: StreamStats, value_map=None) -> np.ndarray:
     start = reader.position
     model = _read_value_model(reader, b)
     stats.side_bytes += reader.position - start
@@ -773,7 +785,11 @@ def _decode_binned(reader: ByteReader, b: int, count: int, stats: StreamStats) -
     tables = _symbol_tables(model)
     low_bits = ans.low_bits(tables[1][symbols]) if tables[1].any() else None
     ans.finish()
-    return _values_from_symbols(symbols, low_bits, tables) + model.center
+    if low_bits is None and value_map is not None:
+        base, _, negative = tables
+        return value_map(np.where(negative, -base, base) + model.center)[symbols]
+    values = _values_from_symbols(symbols, low_bits, tables) + model.center
+    return values if value_map is None else value_map(values)
 
 
 # =========================================================================================

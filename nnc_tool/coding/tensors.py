@@ -149,8 +149,14 @@ def decode_tensor(payload: bytes | memoryview, stats: StreamStats | None = None)
     header = read_header(reader)
     target = numpy_dtype(header.dtype)
     if header.coding == Coding.QUANTIZED:
-        array = _decode_levels(reader, header, stats)
-        array = dequantize(array, header.steps).astype(target)
+        if header.steps.size == 1 and header.coded_rows is None:
+            # One step: dequantize through the integer stream's symbol table (one pass, same values).
+            step = np.float32(header.steps[0])
+            levels_to_values = lambda levels: np.multiply(levels, step, dtype=np.float32).astype(target, copy=False)  # noqa: E731
+            array = decode_integers(reader.raw(reader.remaining), header.shape, stats, levels_to_values)
+        else:
+            array = _decode_levels(reader, header, stats)
+            array = dequantize(array, header.steps).astype(target)
     elif header.coding == Coding.INT_VALUES:
         values = decode_integers(reader.raw(reader.remaining), header.shape, stats)
         array = _cast_integers(values, target, header.name).reshape(header.shape)
