@@ -45,9 +45,7 @@ def correct_biases(model: Model, inputs: dict[str, LayerInput], reconstruct: Rec
         if reconstruction is None:
             continue
         original = originals.get(weight_name, weight).array
-        error = np.asarray(reconstruction, dtype=np.float64) - np.asarray(original, dtype=np.float64)
-        axes = tuple(a for a in range(error.ndim) if a != layer.out_axis)
-        shift = np.sum(error * layer.expected, axis=axes)
+        shift = _mean_shift(np.asarray(reconstruction, dtype=np.float32) - np.asarray(original, dtype=np.float32), layer)
         if not np.isfinite(shift).all() or not shift.any():
             continue
         corrected = np.asarray(bias.array, dtype=np.float64) - shift.reshape(bias.array.shape)
@@ -56,3 +54,17 @@ def correct_biases(model: Model, inputs: dict[str, LayerInput], reconstruct: Rec
         return model, []
 
     return replace(model, tensors=[new_biases.get(t.name, t) for t in model.tensors]), sorted(new_biases)
+
+
+def _mean_shift(error: np.ndarray, layer: LayerInput) -> np.ndarray:
+    """Per output: the sum of error * expected input over everything but the output axis.
+
+    An expected input shared by every output makes it one float32 matrix-vector product, with
+    no weight-sized temporary (a bias correction needs no more than float32's precision).
+    """
+    rows = np.moveaxis(error, layer.out_axis, 0)
+    expected = np.moveaxis(layer.expected, layer.out_axis, 0).astype(np.float32)
+    flat = rows.reshape(rows.shape[0], -1)
+    if expected.shape[0] == 1:
+        return (flat @ expected.reshape(-1)).astype(np.float64)
+    return np.einsum("ij,ij->i", flat, np.broadcast_to(expected, rows.shape).reshape(flat.shape), dtype=np.float64)
