@@ -97,14 +97,25 @@ def encode_integers(values: np.ndarray, shape: tuple[int, ...] | None = None) ->
     """
     flat, shape = _prepare(values, shape)
     plans = _plan(flat, shape)
-    plans.sort(key=lambda p: p.cost)
+    plans.sort(key=lambda p: _ranked(p, p.cost))
     best = plans[0]
-    built = [best.build()]
+    built = [(best, best.build())]
     # Estimates are exact up to the last ANS word: build close runners-up and keep the smallest.
     for other in plans[1:]:
-        if other.cost <= best.cost + 8:
-            built.append(other.build())
-    return min(built, key=len)
+        if _ranked(other, other.cost) <= _ranked(best, best.cost) + 8:
+            built.append((other, other.build()))
+    return min(built, key=lambda item: _ranked(item[0], len(item[1])))[1]
+
+
+# PATTERN decodes a dense tensor more slowly than BINNED (ResNet-18 layer, 2.4 M values with 47 %
+# zeros: 65 vs 43 ms) and on dense weights saves next to nothing (a re-parametrisation of the same
+# histogram: within 0.02 %), so it must save this share of the bytes to be chosen. Sparse
+# (pruned, very coarse) tensors save far more and keep it.
+PATTERN_MIN_SAVING = 0.005
+
+
+def _ranked(plan: _Plan, size: float) -> float:
+    return size * (1.0 + PATTERN_MIN_SAVING) if plan.zero_fraction is not None else size
 
 
 def decode_integers(
