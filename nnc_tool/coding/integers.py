@@ -687,9 +687,16 @@ class _AnsReader:
         self._stats = stats
 
     def categorical(self, counts: np.ndarray | None, count: int) -> np.ndarray:
+        """`count` symbols, in the smallest unsigned dtype that holds the alphabet."""
         if counts is None or count == 0:
-            return np.zeros(count, dtype=np.int64)
-        symbols = self._decode(_Categorical(counts, perfect=False), count)
+            return np.zeros(count, dtype=np.uint8)
+        dtype = np.uint8 if counts.size <= 1 << 8 else np.uint16  # MAX_ALPHABET is 2^16
+        model = _Categorical(counts, perfect=False)
+        symbols = np.empty(count, dtype=dtype)
+        # Decoded a block at a time: constriction hands back int32, 4 bytes a symbol.
+        for begin in range(0, count, BLOCK_VALUES):
+            size = min(BLOCK_VALUES, count - begin)
+            symbols[begin : begin + size] = self._decode(model, size)
         if not self._stats.measure:
             return symbols
         weights = quantized_weights(counts)
@@ -719,7 +726,7 @@ class _AnsReader:
             symbols = self._coder.decode(model, count_or_sizes)
         except Exception as exc:  # constriction raises plain exceptions on exhausted/invalid data
             raise BitstreamError(None, f"entropy-coded payload is corrupt ({exc})") from None
-        return np.asarray(symbols, dtype=np.int64)
+        return np.asarray(symbols)
 
     def finish(self) -> None:
         if self._coder is not None and not self._coder.is_empty():
@@ -792,15 +799,25 @@ def _decode_binned(reader: ByteReader, b: int, count: int, stats: StreamStats, v
     model = _read_value_model(reader, b)
     stats.side_bytes += reader.position - start
     ans = _AnsReader(reader.raw(reader.remaining), stats)
-    symbols = ans.categorical(model.counts, count)
-    tables = _symbol_tables(model)
-    low_bits = ans.low_bits(tables[1][symbols]) if tables[1].any() else None
+    symbols = ans.categorical(model.counts, count)  # compact: 1-2 bytes per value
+    base, shift, negative = _symbol_tables(model)
+    value_of = np.where(negative, -base, base) + np.int64(model.center)
+    with_low_bits = bool(shift.any())
+    if not with_low_bits and value_map is not None:
+        value_of = value_map(value_of)  # dequantize the table, then one gather per value
+        value_map = None
+    # The values are built a block at a time (the low bits follow all the symbols in the stream),
+    # so a huge tensor never holds more than its compact symbols, its output and one block.
+    out = np.empty(count, dtype=value_of.dtype if value_map is None else value_map(value_of[:0]).dtype)
+    sign = np.where(negative, -1, 1)
+    for begin in range(0, count, BLOCK_VALUES):
+        part = symbols[begin : begin + BLOCK_VALUES].astype(np.intp)
+        values = value_of[part]
+        if with_low_bits:
+            values = values + sign[part] * ans.low_bits(shift[part]).astype(np.int64)
+        out[begin : begin + part.size] = values if value_map is None else value_map(values)
     ans.finish()
-    if low_bits is None and value_map is not None:
-        base, _, negative = tables
-        return value_map(np.where(negative, -base, base) + model.center)[symbols]
-    values = _values_from_symbols(symbols, low_bits, tables) + model.center
-    return values if value_map is None else value_map(values)
+    return out
 
 
 # =========================================================================================
