@@ -374,12 +374,15 @@ def test_version_is_2_0() -> None:
     assert container.HEADER_SIZE == 14
 
 
-@pytest.mark.parametrize("kind", ["binned", "pattern_inner_axis", "fixed"])
+@pytest.mark.parametrize("kind", ["binned", "binned_low_bits", "pattern_inner_axis", "fixed"])
 def test_streams_spanning_several_blocks_round_trip(kind: str) -> None:
-    """Large tensors are coded a block at a time; blocks must join seamlessly (and in order)."""
+    """Large tensors are coded and decoded a block at a time; blocks must join seamlessly (and in order)."""
     n = integers.BLOCK_VALUES * 2 + 12345
     if kind == "binned":
         values = np.round(RNG.laplace(0, 30, n)).astype(np.int32)
+        shape = (n,)
+    elif kind == "binned_low_bits":
+        values = np.round(RNG.laplace(0, 1e6, n)).astype(np.int64)  # wide: bins share low bits
         shape = (n,)
     elif kind == "pattern_inner_axis":
         rows = 1032
@@ -394,9 +397,15 @@ def test_streams_spanning_several_blocks_round_trip(kind: str) -> None:
         shape = (n,)
     data = encode_integers(values, shape)
     method = Method(data[0] & 7)
-    expected = {"binned": Method.BINNED, "pattern_inner_axis": Method.PATTERN, "fixed": Method.FIXED}[kind]
+    expected = {"binned": Method.BINNED, "binned_low_bits": Method.BINNED, "pattern_inner_axis": Method.PATTERN,
+                "fixed": Method.FIXED}[kind]
     assert method == expected
+    if kind == "binned_low_bits":
+        assert data[0] >> 3 < 12  # bins of b bits: large magnitudes travel partly as low bits
     np.testing.assert_array_equal(decode_integers(data, shape), values.ravel())
+    # A value map (dequantization) gives exactly the mapped values, through the table or per block.
+    halve = lambda v: np.multiply(v, np.float32(0.5), dtype=np.float32)  # noqa: E731
+    np.testing.assert_array_equal(decode_integers(data, shape, value_map=halve), halve(values.ravel()))
     if kind == "pattern_inner_axis":
         assert data[1] & 31 == 0  # the pattern axis
     # Compact input dtypes code to exactly the bytes their int64 widening does.
