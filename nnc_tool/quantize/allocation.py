@@ -323,10 +323,6 @@ def plan_quantization(
             model, settings, calibration if calibrated else None, run_model, sensitivities=sensitivities, gains=gains
         )
     per_tensor = tensor_settings(model, settings, qps)
-    if not hessians:
-        model, corrected = correct_biases(model, inputs, lambda t: _reconstruction(t, per_tensor.get(t.name, settings)))
-        return QuantPlan(model, per_tensor, qps, corrected=corrected, notes=notes)
-
     tensors, compensated = [], []
     for t in model.tensors:
         lh = hessians.get(t.name)
@@ -343,15 +339,11 @@ def plan_quantization(
         # The values already lie on the grid: code them as they are.
         per_tensor[t.name] = replace(own, rdo=0.0)
         compensated.append(t.name)
-    planned = replace(model, tensors=tensors)
-    # Compensated weights already hold their reconstruction; the others are rounded as the coder will.
-    planned, corrected = correct_biases(
-        planned,
-        inputs,
-        lambda t: t.array if t.name in compensated else _reconstruction(t, per_tensor.get(t.name, settings)),
-        originals=model.tensor_map(),
-    )
-    return QuantPlan(planned, per_tensor, qps, compensated, corrected, notes)
+    if compensated:
+        model = replace(model, tensors=tensors)
+    # No layer left to bias correction has error feedback: the coder rounds its weights to nearest.
+    model, corrected = correct_biases(model, inputs, lambda t: _reconstruction(t, per_tensor.get(t.name, settings)))
+    return QuantPlan(model, per_tensor, qps, compensated, corrected, notes)
 
 
 def _reconstruction(tensor: Tensor, settings: QuantSettings) -> np.ndarray | None:

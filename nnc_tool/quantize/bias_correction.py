@@ -23,19 +23,16 @@ from ..model import Model, Tensor
 Reconstruct = Callable[[Tensor], "np.ndarray | None"]
 
 
-def correct_biases(model: Model, inputs: dict[str, LayerInput], reconstruct: Reconstruct,
-                   originals: dict[str, Tensor] | None = None) -> tuple[Model, list[str]]:
+def correct_biases(model: Model, inputs: dict[str, LayerInput], reconstruct: Reconstruct) -> tuple[Model, list[str]]:
     """`model` with the bias of every layer in `inputs` corrected for its weight's rounding.
 
     `reconstruct(tensor)` returns the values the decoder will see for a weight tensor of `model`
-    (None: it is not quantized, nothing to correct). `originals` holds the unquantized weights
-    where `model` already carries reconstructed ones (error feedback); by default the model's
-    own weights are the originals. Returns the new model and the names of corrected biases.
+    (None: it is not quantized, nothing to correct). Returns the new model and the names of
+    corrected biases.
     """
     if not inputs:
         return model, []
     tensors = model.tensor_map()
-    originals = originals or {}
     new_biases: dict[str, Tensor] = {}
     for weight_name, layer in inputs.items():
         weight, bias = tensors.get(weight_name), tensors.get(layer.bias)
@@ -44,15 +41,13 @@ def correct_biases(model: Model, inputs: dict[str, LayerInput], reconstruct: Rec
         reconstruction = reconstruct(weight)
         if reconstruction is None:
             continue
-        original = originals.get(weight_name, weight).array
-        shift = _mean_shift(np.asarray(reconstruction, dtype=np.float32) - np.asarray(original, dtype=np.float32), layer)
+        shift = _mean_shift(np.asarray(reconstruction, dtype=np.float32) - np.asarray(weight.array, dtype=np.float32), layer)
         if not np.isfinite(shift).all() or not shift.any():
             continue
         corrected = np.asarray(bias.array, dtype=np.float64) - shift.reshape(bias.array.shape)
         new_biases[bias.name] = Tensor(bias.name, corrected.astype(bias.array.dtype), bias.role)
     if not new_biases:
         return model, []
-
     return replace(model, tensors=[new_biases.get(t.name, t) for t in model.tensors]), sorted(new_biases)
 
 

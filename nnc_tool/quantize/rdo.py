@@ -281,7 +281,7 @@ def gptq_round(
     upper, order, dead = factor.upper, factor.order, factor.dead
     # Transposed, in quantization order: each column of W is a contiguous row, so the
     # column-by-column loop reads and writes contiguous memory (3x faster than strided columns).
-    w = np.array(np.asarray(weights, dtype=np.float64).T[order], dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64).T[order]  # the gather makes a fresh C-ordered copy
     if zero_dead:
         w[dead] = 0.0
     levels = np.zeros((cols, rows), dtype=np.int64)
