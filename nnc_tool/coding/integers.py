@@ -25,8 +25,8 @@ probabilities): bins or patterns with constriction `Categorical` models, low bit
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import constriction
@@ -609,14 +609,18 @@ def _symbol_tables(model: _ReadModel) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return base, shift, signed < 0
 
 
-def _values_from_symbols(symbols: np.ndarray, low_bits: np.ndarray | None, tables) -> np.ndarray:
-    """Values of decoded symbols; `low_bits` None when no symbol of the alphabet has any."""
+def _symbol_values(tables, center: int) -> np.ndarray:
+    """Per symbol of the alphabet: its value when it carries no low bits (int64)."""
     base, _, negative = tables
-    signed_base = np.where(negative, -base, base)
+    return np.where(negative, -base, base) + np.int64(center)
+
+
+def _values_from_symbols(symbols: np.ndarray, low_bits: np.ndarray | None, tables, center: int) -> np.ndarray:
+    """Values of decoded symbols; `low_bits` None when no symbol of the alphabet has any."""
+    values = _symbol_values(tables, center)[symbols]
     if low_bits is None:
-        return signed_base[symbols]
-    sign = np.where(negative, -1, 1)
-    return signed_base[symbols] + sign[symbols] * low_bits.astype(np.int64)
+        return values
+    return values + np.where(tables[2], -1, 1)[symbols] * low_bits.astype(np.int64)
 
 
 # =========================================================================================
@@ -800,22 +804,24 @@ def _decode_binned(reader: ByteReader, b: int, count: int, stats: StreamStats, v
     stats.side_bytes += reader.position - start
     ans = _AnsReader(reader.raw(reader.remaining), stats)
     symbols = ans.categorical(model.counts, count)  # compact: 1-2 bytes per value
-    base, shift, negative = _symbol_tables(model)
-    value_of = np.where(negative, -base, base) + np.int64(model.center)
-    with_low_bits = bool(shift.any())
-    if not with_low_bits and value_map is not None:
-        value_of = value_map(value_of)  # dequantize the table, then one gather per value
-        value_map = None
+    tables = _symbol_tables(model)
+    shift = tables[1]
+    if not shift.any():
+        # No low bits: map the per-symbol table (e.g. dequantize it), then one gather per value.
+        value_of = _symbol_values(tables, model.center)
+        value_of = value_of if value_map is None else value_map(value_of)
+        ans.finish()
+        out = np.empty(count, dtype=value_of.dtype)
+        for begin in range(0, count, BLOCK_VALUES):
+            out[begin : begin + BLOCK_VALUES] = value_of[symbols[begin : begin + BLOCK_VALUES].astype(np.intp)]
+        return out
     # The values are built a block at a time (the low bits follow all the symbols in the stream),
     # so a huge tensor never holds more than its compact symbols, its output and one block.
-    out = np.empty(count, dtype=value_of.dtype if value_map is None else value_map(value_of[:0]).dtype)
-    sign = np.where(negative, -1, 1)
+    mapped = (lambda v: v) if value_map is None else value_map
+    out = np.empty(count, dtype=mapped(np.zeros(0, dtype=np.int64)).dtype)
     for begin in range(0, count, BLOCK_VALUES):
         part = symbols[begin : begin + BLOCK_VALUES].astype(np.intp)
-        values = value_of[part]
-        if with_low_bits:
-            values = values + sign[part] * ans.low_bits(shift[part]).astype(np.int64)
-        out[begin : begin + part.size] = values if value_map is None else value_map(values)
+        out[begin : begin + part.size] = mapped(_values_from_symbols(part, ans.low_bits(shift[part]), tables, model.center))
     ans.finish()
     return out
 
@@ -1000,7 +1006,7 @@ def _decode_pattern(reader: ByteReader, b: int, shape: tuple[int, ...], stats: S
     tables = _symbol_tables(model)
     low_bits = ans.low_bits(tables[1][symbols]) if tables[1].any() else None
     ans.finish()
-    nonzero = _values_from_symbols(symbols, low_bits, tables) + model.center
+    nonzero = _values_from_symbols(symbols, low_bits, tables, model.center)
     nonzero = nonzero + (nonzero >= 0)
     scanned = np.zeros(count, dtype=np.int64)
     scanned[sig] = nonzero
