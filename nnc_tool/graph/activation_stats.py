@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from ..model import Model
-from .onnx_util import subgraphs
+from .onnx_util import attributes, subgraphs, topology_proto
 
 __all__ = ["ChannelMoments", "LayerInput", "channel_moments", "layer_inputs"]
 
@@ -72,16 +72,6 @@ class LayerInput:
     removable: float = 0.0
 
 
-def _topology(model: Model) -> onnx.ModelProto:
-    proto = onnx.ModelProto()
-    proto.ParseFromString(model.topology)
-    return proto
-
-
-def _attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _normal_cdf(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(z / math.sqrt(2.0)))
 
@@ -92,12 +82,12 @@ def _rectified(moments: ChannelMoments) -> ChannelMoments | None:
         return None
     m = moments.mean
     s = np.sqrt(np.maximum(moments.var, 0.0))
-    safe = np.where(s > 0, s, 1.0)
-    z = np.where(s > 0, m / safe, np.sign(m) * np.inf)
-    cdf = np.where(np.isfinite(z), _normal_cdf(np.where(np.isfinite(z), z, 0.0)), (z > 0).astype(np.float64))
-    pdf = np.where(np.isfinite(z), np.exp(-0.5 * np.where(np.isfinite(z), z, 0.0) ** 2) / math.sqrt(2 * math.pi), 0.0)
-    mean = m * cdf + s * pdf
-    second = (m * m + s * s) * cdf + m * s * pdf
+    z = m / np.where(s > 0, s, 1.0)
+    cdf = _normal_cdf(z)
+    pdf = np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    constant = np.maximum(m, 0.0)  # a channel without variance is relu of its mean
+    mean = np.where(s > 0, m * cdf + s * pdf, constant)
+    second = np.where(s > 0, (m * m + s * s) * cdf + m * s * pdf, constant * constant)
     return ChannelMoments(mean, np.maximum(second - mean * mean, 0.0))
 
 
@@ -108,7 +98,7 @@ def channel_moments(model: Model) -> dict[str, ChannelMoments]:
     """
     if model.format != "onnx" or b"BatchNormalization" not in model.topology:
         return {}
-    graph = _topology(model).graph
+    graph = topology_proto(model.topology).graph
     constants = model.tensor_map()
     known: dict[str, ChannelMoments] = {}
     for node in graph.node:
@@ -125,7 +115,7 @@ def _propagate(node: onnx.NodeProto, known: dict[str, ChannelMoments], constants
     inputs = [known.get(name) for name in node.input if name]
     if op == "BatchNormalization":
         return _batchnorm_output(node, constants)
-    if op in _PASS_THROUGH or (op == "Flatten" and _attributes(node).get("axis", 1) == 1):
+    if op in _PASS_THROUGH or (op == "Flatten" and attributes(node).get("axis", 1) == 1):
         return inputs[0] if inputs else None
     if op == "Relu":
         return _rectified(inputs[0]) if inputs and inputs[0] is not None else None
@@ -141,13 +131,13 @@ def _propagate(node: onnx.NodeProto, known: dict[str, ChannelMoments], constants
 
 
 def _counts_padding(node: onnx.NodeProto) -> bool:
-    attrs = _attributes(node)
+    attrs = attributes(node)
     padded = any(attrs.get("pads", [])) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
     return bool(attrs.get("count_include_pad", 0)) and padded
 
 
 def _batchnorm_output(node: onnx.NodeProto, constants: dict) -> ChannelMoments | None:
-    attrs = _attributes(node)
+    attrs = attributes(node)
     if attrs.get("training_mode", 0) or len(node.output) > 1 and any(node.output[1:]) or len(node.input) != 5:
         return None
     params = [constants.get(name) for name in node.input[1:]]
@@ -170,14 +160,10 @@ def layer_inputs(model: Model, moments: dict[str, ChannelMoments]) -> dict[str, 
         return {}
     from ..formats.onnx_format import to_proto
 
-    graph = _topology(model).graph
+    graph = topology_proto(model.topology).graph
     tensors = model.tensor_map()
     uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-        for sub in subgraphs(node):
-            _count_subgraph_uses(sub, uses)
+    _count_uses(graph, uses)
     for output in graph.output:
         uses[output.name] = uses.get(output.name, 0) + 1
 
@@ -207,12 +193,13 @@ def layer_inputs(model: Model, moments: dict[str, ChannelMoments]) -> dict[str, 
     return found
 
 
-def _count_subgraph_uses(graph: onnx.GraphProto, uses: dict[str, int]) -> None:
+def _count_uses(graph: onnx.GraphProto, uses: dict[str, int]) -> None:
+    """How often each name is read by the graph's nodes, its subgraphs' nodes included."""
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
         for sub in subgraphs(node):
-            _count_subgraph_uses(sub, uses)
+            _count_uses(sub, uses)
 
 
 def _input_shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
@@ -266,7 +253,7 @@ def _conv_pads(attrs: dict, sizes: list[int] | None, kernel: tuple[int, ...], st
 def _conv_input(node: onnx.NodeProto, shape: tuple[int, ...], stats: ChannelMoments, input_shape: list[int] | None):
     if len(shape) < 3:
         return None
-    attrs = _attributes(node)
+    attrs = attributes(node)
     kernel = tuple(shape[2:])
     spatial = len(kernel)
     group = int(attrs.get("group", 1))
@@ -296,8 +283,8 @@ def _conv_input(node: onnx.NodeProto, shape: tuple[int, ...], stats: ChannelMome
     removable = 0.0
     if stats.var is not None:
         # Per tap: the mean over output positions is mean * coverage; E[x^2] is (mean^2 + var) * coverage.
-        squares = (stats.mean**2 + stats.var).reshape(means.shape) * coverage.reshape(1, 1, 1, *kernel)
-        removable = float(np.sum(expected**2) / np.sum(squares)) if np.sum(squares) > 0 else 0.0
+        energy = float(np.sum((stats.mean**2 + stats.var).reshape(means.shape) * coverage.reshape(1, 1, 1, *kernel)))
+        removable = float(np.sum(expected**2)) / energy if energy > 0 else 0.0
     if group > 1:
         expected = np.broadcast_to(expected, (group, per_out, per_in, *kernel)).reshape(shape)
     else:
@@ -306,7 +293,7 @@ def _conv_input(node: onnx.NodeProto, shape: tuple[int, ...], stats: ChannelMome
 
 
 def _gemm_input(node: onnx.NodeProto, shape: tuple[int, ...], stats: ChannelMoments):
-    attrs = _attributes(node)
+    attrs = attributes(node)
     if attrs.get("transA", 0) or len(shape) != 2:
         return None
     transposed = bool(attrs.get("transB", 0))
@@ -314,7 +301,6 @@ def _gemm_input(node: onnx.NodeProto, shape: tuple[int, ...], stats: ChannelMome
     channels = stats.mean.size
     if features % channels:
         return None
-    # Flatten(axis=1) of N, C, H, W is channel-major: each channel's mean repeats H*W times.
     alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
     if beta == 0.0:
         return None
@@ -323,6 +309,7 @@ def _gemm_input(node: onnx.NodeProto, shape: tuple[int, ...], stats: ChannelMome
     repeat = features // channels
     removable = 0.0
     if stats.var is not None:
-        removable = float(np.sum(stats.mean**2) / np.sum(stats.mean**2 + stats.var)) if np.any(stats.mean**2 + stats.var) else 0.0
+        energy = float(np.sum(stats.mean**2 + stats.var))
+        removable = float(np.sum(stats.mean**2)) / energy if energy > 0 else 0.0
     mean = np.repeat(stats.mean, repeat) * (alpha / beta)
     return ((mean[None, :], 0) if transposed else (mean[:, None], 1)) + (removable,)

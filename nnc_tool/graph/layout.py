@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import onnx
 
 from ..model import Model, TensorRole
+from .onnx_util import topology_proto
 
 __all__ = ["TORCH_FORMATS", "WeightLayout", "weight_layouts"]
 
@@ -100,8 +101,7 @@ def _onnx_layouts(model: Model) -> dict[str, WeightLayout]:
     # the value scopes, and reusing them keeps both views of the graph in step.
     from ..formats import onnx_format
 
-    proto = onnx.ModelProto()
-    proto.ParseFromString(model.topology)
+    proto = topology_proto(model.topology)
     analysis = onnx_format._analyse(proto)
 
     # Walk the graphs in exactly the order `_analyse` does, so scope ids match its value keys.

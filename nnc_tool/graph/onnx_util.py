@@ -6,6 +6,18 @@ from collections.abc import Iterator
 import onnx
 
 
+def attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes by name, as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def topology_proto(topology: bytes) -> onnx.ModelProto:
+    """The ModelProto of a Model's stored topology (the graph without its weights)."""
+    proto = onnx.ModelProto()
+    proto.ParseFromString(topology)
+    return proto
+
+
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """The graph-valued attributes of a node (If branches, Loop/Scan bodies)."""
     for attr in node.attribute:

@@ -51,6 +51,7 @@ import numpy as np
 
 from ..fileio import release_pages
 from ..graph.activation_stats import ChannelMoments, layer_inputs
+from ..graph.onnx_util import attributes
 from ..model import Model, Tensor, TensorRole
 from .bias_correction import correct_biases
 from .rdo import GptqFactor, gptq_factor, gptq_gain, gptq_round
@@ -475,12 +476,6 @@ class _LayerHessian:
         return np.ascontiguousarray(values.reshape(self.shape))
 
 
-def _attributes(node) -> dict:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def layer_hessians(model: Model, calibration: np.ndarray) -> dict[str, _LayerHessian]:
     """H = sum of x x^T over the calibration inputs of every Conv (1-D/2-D), Gemm and MatMul weight.
 
@@ -508,7 +503,7 @@ def layer_hessians(model: Model, calibration: np.ndarray) -> dict[str, _LayerHes
         tensor = by_name.get(name)
         if tensor is None or tensor.role != TensorRole.WEIGHT or tensor.dtype != "float32" or uses.get(name) != 1:
             continue
-        attrs = _attributes(node)
+        attrs = attributes(node)
         if node.op_type == "Conv" and (tensor.array.ndim not in (3, 4) or any(d != 1 for d in attrs.get("dilations", [1]))):
             continue
         if node.op_type == "Gemm" and (attrs.get("transA", 0) or tensor.array.ndim != 2):
@@ -540,10 +535,10 @@ def layer_hessians(model: Model, calibration: np.ndarray) -> dict[str, _LayerHes
         shape = by_name[name].array.shape
         try:
             if node.op_type == "Conv":
-                groups = _conv_hessians(act, shape, _attributes(node))
+                groups = _conv_hessians(act, shape, attributes(node))
                 out[name] = _LayerHessian(shape, False, groups)
             else:
-                transpose = node.op_type == "MatMul" or not _attributes(node).get("transB", 0)
+                transpose = node.op_type == "MatMul" or not attributes(node).get("transB", 0)
                 cols = shape[0] if transpose else shape[1]
                 rows = shape[1] if transpose else shape[0]
                 if act.shape[-1] != cols:
