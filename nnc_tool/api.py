@@ -155,6 +155,7 @@ def write_bitstream(
             "allocate": options.allocate,
             "error_feedback": options.error_feedback,
             "bias_correction": options.bias_correction,
+            "dependent": options.dependent,
             "rdo": options.rdo,
             "bits": options.bits,
             "per_channel": options.per_channel,
@@ -173,7 +174,7 @@ def write_bitstream(
         written += len(part)
     reports = []
     for index, tensor in enumerate(model.tensors):
-        payload = encode_tensor(tensor, plan.settings_for(tensor, options))
+        payload = encode_tensor(tensor, plan.settings_for(tensor, options), plan.quantized.pop(tensor.name, None))
         release_pages(tensor.array)
         unit = container.frame_unit(UnitType.DATA, payload)
         sink.write(unit)

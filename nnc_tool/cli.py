@@ -101,6 +101,9 @@ def quantization_options(command):
         click.option("--no-bias-correction", is_flag=True,
                      help="Keep biases as they are instead of cancelling the mean output shift of rounded weights"
                           " (estimated from BatchNorm statistics)."),
+        click.option("--dq", is_flag=True,
+                     help="Dependent (trellis) quantization of weights, as in NNC: a few percent smaller at equal"
+                          " quality on large conv nets, about twice the encode time."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -162,10 +165,10 @@ def _pruning(prune_method: str | None, sparsities: tuple[float, ...], scope: str
 
 def _settings(qp: int, nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool,
               uniform_qp: bool = False, rdo: float = 0.0, no_error_feedback: bool = False,
-              no_bias_correction: bool = False) -> QuantSettings:
+              no_bias_correction: bool = False, dq: bool = False) -> QuantSettings:
     return QuantSettings(qp=qp, nonweight_qp=nonweight_qp, bits=bits, per_channel=per_channel, lossless=lossless,
                          allocate=not uniform_qp, rdo=rdo, error_feedback=not no_error_feedback,
-                         bias_correction=not no_bias_correction)
+                         bias_correction=not no_bias_correction, dependent=dq)
 
 
 def rate_control_options(command):
@@ -258,7 +261,7 @@ def _quiet_and_verbose(quiet: bool, verbose: bool) -> None:
 @handle_errors
 def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, jobs: int, qp: int,
            nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float,
-           no_error_feedback: bool, no_bias_correction: bool, target_size: int | None, target_ratio: float | None, target_snr: float | None,
+           no_error_feedback: bool, no_bias_correction: bool, dq: bool, target_size: int | None, target_ratio: float | None, target_snr: float | None,
            max_acc_drop: float | None, data: str | None, no_fold_bn: bool, as_json: bool, quiet: bool, verbose: bool,
            **prune_options) -> None:
     """Compress MODEL into an nnc bitstream (-o), or many MODELs into a directory (-d).
@@ -281,7 +284,7 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
     calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
     evaluation = load_eval_data(data) if data is not None else None
     settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo, no_error_feedback,
-                         no_bias_correction)
+                         no_bias_correction, dq)
     pruning = _pruning(calibration=calibration, **prune_options)
     if output_dir is not None:
         _encode_batch(models, output_dir, jobs, settings, pruning, not no_fold_bn, calibration, as_json, quiet, verbose,
@@ -465,7 +468,7 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
 @handle_errors
 def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight_qp: int | None, bits: int | None,
           per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float, no_error_feedback: bool,
-          no_bias_correction: bool, no_fold_bn: bool,
+          no_bias_correction: bool, dq: bool, no_fold_bn: bool,
           sweep_spec: str | None,
           plot_path: str | None, runs: int, warmup: int, batch_size: int, threads: int,
           fail_below_accuracy: float | None, fail_above_size: int | None, fail_above_latency_ratio: float | None,
@@ -500,7 +503,7 @@ def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight
         check_plot_target(plot_path)  # before the sweep, not after minutes of work
     calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
     settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo, no_error_feedback,
-                         no_bias_correction)
+                         no_bias_correction, dq)
     pruning = _pruning(calibration=calibration, **prune_options)
     if sweeping:
         qps = parse_sweep(sweep_spec).values if sweep_spec is not None else (qp,)

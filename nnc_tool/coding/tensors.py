@@ -15,7 +15,7 @@ import numpy as np
 from ..bitstream.primitives import ByteReader, ByteWriter
 from ..errors import BitstreamError
 from ..model import DTYPE_CODES, DTYPE_NAMES, FLOAT_DTYPES, Tensor, TensorRole, numpy_dtype
-from ..quantize.uniform import QP_RANGE, QuantSettings, dequantize, quantize, step_for_qp
+from ..quantize.uniform import QP_RANGE, Quantized, QuantSettings, dequantize, quantize, step_for_qp
 from .integers import MAX_VALUES, StreamStats, decode_integers, encode_integers
 from .names import read_name, write_name
 
@@ -27,6 +27,8 @@ _DTYPE_ESCAPE = 15  # descriptor dtype nibble 15: the dtype code follows as a u8
 _PER_CHANNEL = 1
 _FREE_STEPS = 2
 _ROW_MASK = 4
+_DEPENDENT = 8  # dependent quantization; log2 of its chain length follows the steps
+MAX_CHAIN_LOG2 = 16
 
 
 class Coding(enum.IntEnum):
@@ -47,6 +49,7 @@ class TensorHeader:
     steps: np.ndarray | None = None
     qps: np.ndarray | None = None
     coded_rows: np.ndarray | None = None  # bool per output channel; None when no row is skipped
+    chain: int = 0  # dependent quantization's chain length; 0 when levels are independent
 
     @property
     def zero_rows(self) -> int:
@@ -57,11 +60,10 @@ class TensorHeader:
         return math.prod(self.shape)
 
 
-def encode_tensor(tensor: Tensor, settings: QuantSettings) -> bytes:
-    """Code one tensor into a data-unit payload."""
+def encode_tensor(tensor: Tensor, settings: QuantSettings, quantized: Quantized | None = None) -> bytes:
+    """Code one tensor into a data-unit payload (`quantized`: its levels, when already chosen with `settings`)."""
     array = tensor.array
-    quantized = None
-    if tensor.role != TensorRole.EXACT and tensor.dtype in FLOAT_DTYPES and not settings.lossless:
+    if quantized is None and tensor.role != TensorRole.EXACT and tensor.dtype in FLOAT_DTYPES and not settings.lossless:
         quantized = quantize(array, tensor.role, settings)
     if quantized is not None:
         coding = Coding.QUANTIZED
@@ -86,7 +88,11 @@ def encode_tensor(tensor: Tensor, settings: QuantSettings) -> bytes:
         coded_rows = _nonzero_rows(levels)
         masked = coded_rows is not None and not coded_rows.all()
         free = quantized.qps is None
-        writer.u8((_PER_CHANNEL if per_channel else 0) | (_FREE_STEPS if free else 0) | (_ROW_MASK if masked else 0))
+        dependent = quantized.chain > 0
+        writer.u8(
+            (_PER_CHANNEL if per_channel else 0) | (_FREE_STEPS if free else 0) | (_ROW_MASK if masked else 0)
+            | (_DEPENDENT if dependent else 0)
+        )
         if free:
             writer.raw(quantized.steps.astype("<f4").tobytes())
         elif per_channel:
@@ -94,6 +100,8 @@ def encode_tensor(tensor: Tensor, settings: QuantSettings) -> bytes:
             writer.blob(encode_integers(qps))
         else:
             writer.svarint(int(quantized.qps[0]) - QP_BIAS)
+        if dependent:
+            writer.u8(quantized.chain.bit_length() - 1)
         if masked:
             writer.raw(np.packbits(coded_rows).tobytes())
             levels = levels.reshape(levels.shape[0], -1)[coded_rows].reshape((-1,) + levels.shape[1:])
@@ -132,9 +140,14 @@ def read_header(reader: ByteReader) -> TensorHeader:
         if header.dtype not in FLOAT_DTYPES:
             raise BitstreamError(None, f"tensor '{name}' is quantized but has integer dtype {header.dtype}")
         flags = reader.u8()
-        if flags & ~(_PER_CHANNEL | _FREE_STEPS | _ROW_MASK):
+        if flags & ~(_PER_CHANNEL | _FREE_STEPS | _ROW_MASK | _DEPENDENT):
             raise BitstreamError(None, f"tensor '{name}' has reserved quantization flags set")
         header.steps, header.qps = _read_steps(reader, header, flags)
+        if flags & _DEPENDENT:
+            log2 = reader.u8()
+            if log2 > MAX_CHAIN_LOG2:
+                raise BitstreamError(None, f"tensor '{name}' has a dependent-quantization chain of 2^{log2} values")
+            header.chain = 1 << log2
         header.coded_rows = _read_row_mask(reader, header, flags)
     elif header.coding == Coding.INT_VALUES and (header.dtype in FLOAT_DTYPES or header.dtype == "uint64"):
         raise BitstreamError(None, f"tensor '{name}' codes {header.dtype} values as integers")
@@ -149,14 +162,14 @@ def decode_tensor(payload: bytes | memoryview, stats: StreamStats | None = None)
     header = read_header(reader)
     target = numpy_dtype(header.dtype)
     if header.coding == Coding.QUANTIZED:
-        if header.steps.size == 1 and header.coded_rows is None:
+        if header.steps.size == 1 and header.coded_rows is None and not header.chain:
             # One step: dequantize through the integer stream's symbol table (one pass, same values).
             step = np.float32(header.steps[0])
             levels_to_values = lambda levels: np.multiply(levels, step, dtype=np.float32).astype(target, copy=False)  # noqa: E731
             array = decode_integers(reader.raw(reader.remaining), header.shape, stats, levels_to_values)
         else:
             array = _decode_levels(reader, header, stats)
-            array = dequantize(array, header.steps).astype(target)
+            array = dequantize(array, header.steps, header.chain).astype(target)
     elif header.coding == Coding.INT_VALUES:
         values = decode_integers(reader.raw(reader.remaining), header.shape, stats)
         array = _cast_integers(values, target, header.name).reshape(header.shape)

@@ -55,7 +55,9 @@ from ..graph.onnx_util import attributes
 from ..model import Model, Tensor, TensorRole
 from .bias_correction import correct_biases
 from .rdo import GptqFactor, gptq_factor, gptq_gain, gptq_round
-from .uniform import QP_RANGE, QuantSettings, choose_steps, dequantize, effective_nonweight_qp, quantize, row_slices
+from .uniform import (
+    QP_RANGE, Quantized, QuantSettings, choose_steps, dequantize, effective_nonweight_qp, quantize, row_slices, uses_dependent,
+)
 
 RunModel = Callable[[Model, np.ndarray], np.ndarray]
 
@@ -260,6 +262,9 @@ class QuantPlan:
     qps: dict[str, int] = field(default_factory=dict)
     compensated: list[str] = field(default_factory=list)  # tensors quantized with error feedback
     corrected: list[str] = field(default_factory=list)  # biases corrected for their weight's rounding
+    # Levels already chosen while planning (bias correction needs the reconstruction): the coder
+    # reuses them instead of running the (trellis) quantization of those tensors again.
+    quantized: dict[str, Quantized] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. why calibration data went unused
 
     def settings_for(self, tensor: Tensor, default: QuantSettings) -> QuantSettings:
@@ -318,7 +323,13 @@ def plan_quantization(
     if allocate:
         # Error feedback shapes a layer's error (GPTQ's predicted gain); otherwise bias correction
         # removes its mean-shift share. Either makes the tensor less sensitive per unit of noise.
-        gains = {name: 1.0 - layer.removable for name, layer in inputs.items() if layer.removable > 0}
+        # Not for dependent quantization: its error hardly shifts the mean (the trellis alternates
+        # its signs), so correction removes far less of it (ResNet-18: the credit cost 0.9 dB).
+        sizes = {t.name: t.array.size for t in model.tensors}
+        gains = {
+            name: 1.0 - layer.removable for name, layer in inputs.items()
+            if layer.removable > 0 and not uses_dependent(sizes.get(name, 0), TensorRole.WEIGHT, settings)
+        }
         gains.update({name: lh.gain() for name, lh in hessians.items()})  # disjoint from `inputs`
         qps = allocate_qps(
             model, settings, calibration if calibrated else None, run_model, sensitivities=sensitivities, gains=gains
@@ -338,19 +349,24 @@ def plan_quantization(
             continue
         tensors.append(Tensor(t.name, reconstruction, t.role))
         # The values already lie on the grid: code them as they are.
-        per_tensor[t.name] = replace(own, rdo=0.0)
+        per_tensor[t.name] = replace(own, rdo=0.0, dependent=False)
         compensated.append(t.name)
     if compensated:
         model = replace(model, tensors=tensors)
-    # No layer left to bias correction has error feedback: the coder rounds its weights to nearest.
-    model, corrected = correct_biases(model, inputs, lambda t: _reconstruction(t, per_tensor.get(t.name, settings)))
-    return QuantPlan(model, per_tensor, qps, compensated, corrected, notes)
+    # No layer left to bias correction has error feedback: the coder quantizes its weights itself.
+    chosen: dict[str, Quantized] = {}
+    model, corrected = correct_biases(model, inputs, lambda t: _reconstruction(t, per_tensor.get(t.name, settings), chosen))
+    return QuantPlan(model, per_tensor, qps, compensated, corrected, notes=notes, quantized=chosen)
 
 
-def _reconstruction(tensor: Tensor, settings: QuantSettings) -> np.ndarray | None:
-    """The values the decoder will rebuild for `tensor` coded with `settings` (None: coded exactly)."""
+def _reconstruction(tensor: Tensor, settings: QuantSettings, chosen: dict[str, Quantized]) -> np.ndarray | None:
+    """The values the decoder will rebuild for `tensor` coded with `settings` (None: coded
+    exactly); the levels are kept in `chosen` for the coder."""
     quantized = quantize(tensor.array, tensor.role, settings)
-    return None if quantized is None else dequantize(quantized.levels, quantized.steps)
+    if quantized is None:
+        return None
+    chosen[tensor.name] = quantized
+    return dequantize(quantized.levels, quantized.steps, quantized.chain)
 
 
 # --------------------------------------------------------------------------------------------

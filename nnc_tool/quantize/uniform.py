@@ -12,10 +12,13 @@ import numpy as np
 
 from ..model import TensorRole
 from .rdo import DEFAULT_LAMBDA, rdo_round
+from .trellis import chain_length, grid_values, trellis_levels
 
 # Rate-aware rounding only where the tensor's own histogram is a usable rate model: large WEIGHT
 # tensors (a few dozen biases with near-unique levels say nothing about code lengths).
 RDO_MIN_VALUES = 1024
+# Dependent quantization only where a tensor fills a few chains (a bias gains nothing from it).
+DEPENDENT_MIN_VALUES = 1024
 
 # Beyond this many levels the tensor is not something uniform quantization serves well
 # (or it holds huge outliers); it is coded losslessly instead.
@@ -47,6 +50,12 @@ class QuantSettings:
     bias_correction: subtract from each Conv / Gemm bias the mean output shift its weight's
         rounding causes, where BatchNorm statistics tell the layer's mean input
         (quantize/bias_correction.py); needs the BatchNorm-carrying model's moments.
+    dependent: code WEIGHT tensors (of at least DEPENDENT_MIN_VALUES values, QP steps, no `rdo`)
+        with dependent quantization (quantize/trellis.py): two interleaved quantizers of step
+        2^(qp/4) on a grid of half that, the levels chosen by a trellis search. Off by default:
+        data-free ResNet-18 (digits) needs 2.3 % fewer bytes at equal output SNR with it, but
+        encoding takes about twice as long, and the small sample models gain nothing
+        (mlp -1.1 %, lenet +1.5 %).
     Per-tensor choices (allocate, error_feedback) are made once per model by
     `allocation.plan_quantization`; `quantize` itself only sees one tensor's settings.
     """
@@ -60,6 +69,7 @@ class QuantSettings:
     allocate: bool = True
     error_feedback: bool = True
     bias_correction: bool = True
+    dependent: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rdo, bool):
@@ -97,6 +107,7 @@ class Quantized:
     levels: np.ndarray  # int32 (int64 when a level needs it), the tensor's shape
     steps: np.ndarray  # float32, shape [1] or [shape[0]]
     qps: np.ndarray | None  # int16 QP per step when the steps come from QPs, else None
+    chain: int = 0  # dependent quantization's chain length (quantize/trellis.py); 0: independent levels
 
 
 # 2^(k/4) for k = 0..3; with an exact power of two (ldexp) these give 2^(qp/4) without
@@ -185,6 +196,10 @@ def quantize(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> Q
         # Rate-aware rounding needs the whole tensor's histogram: it works on the tensor at once.
         scaled = rows / (steps[:, None] if steps.size > 1 else steps[0])
         return Quantized(levels=rdo_round(scaled, float(settings.rdo)).reshape(values.shape), steps=steps, qps=qps)
+    if uses_dependent(values.size, role, settings) and largest < 1 << 21:
+        chain = chain_length(values.size)
+        levels = trellis_levels(rows, chain, (steps if steps.size > 1 else steps[:1]) * np.float32(0.5))
+        return Quantized(levels=levels.reshape(values.shape), steps=steps, qps=qps, chain=chain)
     # +1: rounding may reach the next integer above the largest scaled value.
     levels = np.empty(rows.shape, dtype=np.int32 if largest + 1 < 2**31 - 1 else np.int64)
     for block in row_slices(rows):
@@ -194,8 +209,22 @@ def quantize(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> Q
     return Quantized(levels=levels.reshape(values.shape), steps=steps, qps=qps)
 
 
-def dequantize(levels: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """float32 reconstruction level * step, with one step per first-axis row when several are given."""
+def uses_dependent(size: int, role: TensorRole, settings: QuantSettings) -> bool:
+    """Whether a tensor of `size` values is quantized with dependent quantization (QP steps only)."""
+    return (
+        settings.dependent and role == TensorRole.WEIGHT and size >= DEPENDENT_MIN_VALUES
+        and settings.bits is None and not settings.rdo and not settings.lossless
+    )
+
+
+def dequantize(levels: np.ndarray, steps: np.ndarray, chain: int = 0) -> np.ndarray:
+    """float32 reconstruction level * step, with one step per first-axis row when several are given.
+
+    With dependent quantization (`chain` > 0) the levels first become points of the half-step grid.
+    """
+    if chain:
+        levels = grid_values(levels, chain)
+        steps = steps * np.float32(0.5)
     if steps.size > 1:
         rows = _channel_view(levels).astype(np.float32) * steps[:, None].astype(np.float32)
         return rows.reshape(levels.shape)
