@@ -411,13 +411,13 @@ class Evaluator:
 
 
 def run_ours(name: str, model: nnc_tool.Model, evaluate: Evaluator, qps: list[int], nonweight_qp: int | None,
-             calibration: np.ndarray | None, tmp: Path, log) -> tuple[list[Point], dict]:
+             calibration: np.ndarray | None, tmp: Path, log, dependent: bool = False) -> tuple[list[Point], dict]:
     """Our encoder's own path (what `nnc encode [--calib]` does after reading the model):
     BatchNorm statistics read for bias correction, BatchNorm folding, the quantization plan (sensitivity allocation; with calibration data also
     measured sensitivities and GPTQ error feedback), coding. Encode time covers all of it."""
     points, streams = [], {}
     for qp in qps:
-        options = nnc_tool.EncodeOptions(qp=qp, nonweight_qp=nonweight_qp)
+        options = nnc_tool.EncodeOptions(qp=qp, nonweight_qp=nonweight_qp, dependent=dependent)
         started = time.perf_counter()
         moments = channel_moments(model)
         folded, _ = fold_batchnorm(model)
@@ -682,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ours-nonweight-qp", type=int, default=None, help="our QP of 1-D tensors (default: ours, 16 below the weight QP)")
     parser.add_argument("--calib", type=Path, default=CALIB, help=f"calibration inputs for our encoder (default {CALIB.relative_to(ROOT)})")
     parser.add_argument("--data-free", action="store_true", help="encode without calibration data (data-free allocation, no error feedback)")
+    parser.add_argument("--dq", action="store_true", help="our encoder with dependent (trellis) quantization (`nnc encode --dq`)")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--plot", type=Path, default=CACHE / "rd_vs_nncodec.png", help="PNG of rate vs output SNR (default benchmarks/.cache/rd_vs_nncodec.png)")
     parser.add_argument("--nncodec-python", help="python of the NNCodec venv (default $NNCODEC_VENV/bin/python or /tmp/nncodec-venv/bin/python)")
@@ -718,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
             f"weight excess kurtosis {excess_kurtosis(model):.2f}")
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
-            ours_points, streams = run_ours(name, model, evaluate, ours_qps, args.ours_nonweight_qp, calibration, tmp, log)
+            ours_points, streams = run_ours(name, model, evaluate, ours_qps, args.ours_nonweight_qp, calibration, tmp, log, args.dq)
             result.points += ours_points
             nncodec_info = None
             if python is not None:

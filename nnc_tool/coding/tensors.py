@@ -169,7 +169,7 @@ def decode_tensor(payload: bytes | memoryview, stats: StreamStats | None = None)
             array = decode_integers(reader.raw(reader.remaining), header.shape, stats, levels_to_values)
         else:
             array = _decode_levels(reader, header, stats)
-            array = dequantize(array, header.steps, header.chain).astype(target)
+            array = dequantize(array, header.steps, header.chain).astype(target, copy=False)
     elif header.coding == Coding.INT_VALUES:
         values = decode_integers(reader.raw(reader.remaining), header.shape, stats)
         array = _cast_integers(values, target, header.name).reshape(header.shape)
@@ -236,7 +236,9 @@ def _read_row_mask(reader: ByteReader, header: TensorHeader, flags: int) -> np.n
 def _decode_levels(reader: ByteReader, header: TensorHeader, stats: StreamStats | None) -> np.ndarray:
     payload = reader.raw(reader.remaining)
     if header.coded_rows is None:
-        return decode_integers(payload, header.shape, stats).reshape(header.shape)
+        # Dependent quantization's levels stay below 2^21: int32 halves the passes after decoding.
+        as_int32 = (lambda levels: _dependent_levels(levels, header.name)) if header.chain else None
+        return decode_integers(payload, header.shape, stats, as_int32).reshape(header.shape)
     rows = header.shape[0]
     coded_shape = (int(header.coded_rows.sum()),) + header.shape[1:]
     coded = decode_integers(payload, coded_shape, stats)
@@ -244,6 +246,12 @@ def _decode_levels(reader: ByteReader, header: TensorHeader, stats: StreamStats 
     levels = np.zeros((rows, row_size), dtype=np.int64)
     levels[header.coded_rows] = coded.reshape(-1, row_size)
     return levels.reshape(header.shape)
+
+
+def _dependent_levels(levels: np.ndarray, name: str) -> np.ndarray:
+    if levels.size and max(-int(levels.min()), int(levels.max())) >= 1 << 21:
+        raise BitstreamError(None, f"tensor '{name}' has a dependent-quantization level beyond 2^21")
+    return levels.astype(np.int32)
 
 
 def _byte_planes(array: np.ndarray) -> list[np.ndarray]:

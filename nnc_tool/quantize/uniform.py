@@ -12,7 +12,7 @@ import numpy as np
 
 from ..model import TensorRole
 from .rdo import DEFAULT_LAMBDA, rdo_round
-from .trellis import chain_length, grid_values, trellis_levels
+from .trellis import chain_length, dependent_values, grid_values, trellis_levels
 
 # Rate-aware rounding only where the tensor's own histogram is a usable rate model: large WEIGHT
 # tensors (a few dozen biases with near-unique levels say nothing about code lengths).
@@ -222,10 +222,12 @@ def dequantize(levels: np.ndarray, steps: np.ndarray, chain: int = 0) -> np.ndar
 
     With dependent quantization (`chain` > 0) the levels first become points of the half-step grid.
     """
+    if chain and steps.size == 1:
+        return dependent_values(levels, chain, np.float32(steps[0]) * np.float32(0.5))
     if chain:
         levels = grid_values(levels, chain)
         steps = steps * np.float32(0.5)
     if steps.size > 1:
         rows = _channel_view(levels).astype(np.float32) * steps[:, None].astype(np.float32)
         return rows.reshape(levels.shape)
-    return levels.astype(np.float32) * np.float32(steps[0])
+    return np.multiply(levels, np.float32(steps[0]), dtype=np.float32)
