@@ -43,8 +43,8 @@ def chain_length(size: int) -> int:
 def trellis_levels(rows: np.ndarray, chain: int, half_steps: np.ndarray) -> np.ndarray:
     """Levels k (int32, shape of `rows`) of a tensor viewed as [rows, values per row], each row
     with grid spacing `half_steps[row]`, minimising the squared error of the reconstruction
-    `grid_values(k, chain) * spacing`. Works a block of chains at a time (temporaries of a few
-    MB), so a file-mapped tensor is read once and never copied whole."""
+    `grid_values(k, chain) * spacing`. Works a block of BLOCK_CHAINS chains at a time, so a
+    file-mapped tensor is read once and never copied whole."""
     flat = rows.reshape(-1)
     row_size = max(rows.shape[1], 1) if rows.ndim == 2 else max(flat.size, 1)
     half_steps = np.asarray(half_steps, dtype=np.float32).reshape(-1)
