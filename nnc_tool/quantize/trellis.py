@@ -46,7 +46,7 @@ def trellis_levels(rows: np.ndarray, chain: int, half_steps: np.ndarray) -> np.n
     `grid_values(k, chain) * spacing`. Works a block of BLOCK_CHAINS chains at a time, so a
     file-mapped tensor is read once and never copied whole."""
     flat = rows.reshape(-1)
-    row_size = max(rows.shape[1], 1) if rows.ndim == 2 else max(flat.size, 1)
+    row_size = max(rows.shape[1], 1)
     half_steps = np.asarray(half_steps, dtype=np.float32).reshape(-1)
     levels = np.empty(flat.size, dtype=np.int32)
     block = chain * BLOCK_CHAINS
@@ -110,16 +110,10 @@ def _search_block(values: np.ndarray, chain: int) -> np.ndarray:
 def _class_errors(x: np.ndarray, errors: np.ndarray, scratch: np.ndarray, magnitude: np.ndarray) -> None:
     """Squared error (units of D^2) to the nearest point of each (quantizer, parity) class:
     Q0: parity 0 -> 4Z, parity 1 -> 4Z + 2; Q1: parity 1 -> +-(4Z + 1), parity 0 -> 0, +-(4Z + 3)."""
-    for out, shift in ((errors[0, 0], 0.0), (errors[0, 1], 2.0)):
-        np.subtract(x, shift, out=scratch)
-        np.multiply(scratch, 0.25, out=out)
-        np.rint(out, out=out)
-        np.multiply(out, 4.0, out=out)
-        np.subtract(scratch, out, out=out)
-        np.square(out, out=out)
     np.abs(x, out=magnitude)
-    for out, shift in ((errors[1, 1], 1.0), (errors[1, 0], 3.0)):
-        np.subtract(magnitude, shift, out=scratch)
+    classes = ((x, errors[0, 0], 0.0), (x, errors[0, 1], 2.0), (magnitude, errors[1, 1], 1.0), (magnitude, errors[1, 0], 3.0))
+    for source, out, shift in classes:
+        np.subtract(source, shift, out=scratch)
         np.multiply(scratch, 0.25, out=out)
         np.rint(out, out=out)
         np.multiply(out, 4.0, out=out)
@@ -158,21 +152,11 @@ _BACK_ROW = np.array([0, 2, 1, 3], dtype=np.intp)
 
 
 def grid_values(levels: np.ndarray, chain: int) -> np.ndarray:
-    """Reconstruction in units of D for levels coded with dependent quantization (int32/int64)."""
-    levels = np.asarray(levels)
-    grid = levels.astype(np.int64 if levels.dtype == np.int64 else np.int32) * 2
+    """float32 reconstruction in units of D, 2k - hi * sign(k), for levels coded with dependent
+    quantization (exact for |k| < 2^22, which quantization guarantees)."""
+    grid = np.multiply(levels, np.float32(2.0), dtype=np.float32)
     grid -= odd_quantizer_signs(levels, chain)
     return grid
-
-
-def dependent_values(levels: np.ndarray, chain: int, spacing: np.float32) -> np.ndarray:
-    """float32 reconstruction `grid_values(levels, chain) * spacing` (one rounding, like the
-    grid's), built in the output array instead of an integer grid temporary. Exact grid points
-    need |level| < 2^22, which quantization guarantees."""
-    values = np.multiply(levels, np.float32(2.0), dtype=np.float32)
-    values -= odd_quantizer_signs(levels, chain)
-    values *= np.float32(spacing)
-    return values
 
 
 def odd_quantizer_signs(levels: np.ndarray, chain: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..model import TensorRole
 from .rdo import DEFAULT_LAMBDA, rdo_round
-from .trellis import chain_length, dependent_values, grid_values, trellis_levels
+from .trellis import chain_length, grid_values, trellis_levels
 
 # Rate-aware rounding only where the tensor's own histogram is a usable rate model: large WEIGHT
 # tensors (a few dozen biases with near-unique levels say nothing about code lengths).
@@ -198,7 +198,7 @@ def quantize(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> Q
         return Quantized(levels=rdo_round(scaled, float(settings.rdo)).reshape(values.shape), steps=steps, qps=qps)
     if uses_dependent(values.size, role, settings) and largest < 1 << 21:
         chain = chain_length(values.size)
-        levels = trellis_levels(rows, chain, (steps if steps.size > 1 else steps[:1]) * np.float32(0.5))
+        levels = trellis_levels(rows, chain, steps * np.float32(0.5))
         return Quantized(levels=levels.reshape(values.shape), steps=steps, qps=qps, chain=chain)
     # +1: rounding may reach the next integer above the largest scaled value.
     levels = np.empty(rows.shape, dtype=np.int32 if largest + 1 < 2**31 - 1 else np.int64)
@@ -222,11 +222,14 @@ def dequantize(levels: np.ndarray, steps: np.ndarray, chain: int = 0) -> np.ndar
 
     With dependent quantization (`chain` > 0) the levels first become points of the half-step grid.
     """
-    if chain and steps.size == 1:
-        return dependent_values(levels, chain, np.float32(steps[0]) * np.float32(0.5))
     if chain:
-        levels = grid_values(levels, chain)
-        steps = steps * np.float32(0.5)
+        grid = grid_values(levels, chain)  # a fresh float32 array: scaled in place
+        half = steps.astype(np.float32) * np.float32(0.5)
+        if half.size > 1:
+            _channel_view(grid)[...] *= half[:, None]
+        else:
+            grid *= half[0]
+        return grid
     if steps.size > 1:
         rows = _channel_view(levels).astype(np.float32) * steps[:, None].astype(np.float32)
         return rows.reshape(levels.shape)
