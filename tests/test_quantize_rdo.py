@@ -7,12 +7,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from nnc_tool import Model, TensorRole, read_model
+from nnc_tool import Model, Tensor, TensorRole, read_model
 from nnc_tool.coding.integers import encode_integers
 from nnc_tool.coding.tensors import decode_tensor, encode_tensor
 from nnc_tool.formats.onnx_format import to_proto
+from nnc_tool.quantize import allocation
 from nnc_tool.quantize.allocation import MAX_QP_OFFSET, allocate_qps, measure_sensitivities, plan_quantization
-from nnc_tool.quantize.rdo import DEFAULT_LAMBDA, estimated_bits, gptq_gain, gptq_round, rdo_round
+from nnc_tool.quantize.rdo import (
+    DEFAULT_LAMBDA, block_layout, diagonal_blocks, estimated_bits, gptq_factor, gptq_gain, gptq_round, rdo_round,
+)
 from nnc_tool.quantize.uniform import NONWEIGHT_QP_OFFSET, QuantSettings, effective_nonweight_qp, quantize, step_for_qp
 
 RNG = np.random.default_rng(20240601)
@@ -116,6 +119,58 @@ def test_gptq_lowers_the_layer_output_error() -> None:
     err_plain = np.square(x @ (w - plain * step).T).sum()
     assert err_gptq < 0.7 * err_plain
     assert gptq_gain(h) < 0.9
+
+
+@pytest.mark.parametrize("cols,block", [(1030, 512), (700, 256), (96, 512)])
+def test_block_layout_covers_the_columns_with_little_padding(cols: int, block: int) -> None:
+    count, width = block_layout(cols, block)
+    assert width <= block and count * width >= cols and count * width - cols < count
+
+
+def test_blocked_gptq_is_gptq_on_each_block_alone() -> None:
+    # 70 columns in blocks of at most 32: 3 blocks of 24, the last holding 22 real columns.
+    # Neighbouring inputs correlate (a moving average, like neighbouring pixels).
+    noise = RNG.normal(size=(3000, 74))
+    x = sum(noise[:, k : k + 70] for k in range(5))
+    x[:, 9] = 0.0
+    h = x.T @ x
+    w = RNG.normal(size=(12, 70))
+    steps = RNG.uniform(0.1, 0.3, 12)
+    blocks = diagonal_blocks(h, block=32)
+    assert blocks.shape == (3, 24, 24)
+    np.testing.assert_array_equal(blocks[2, 22:], 0.0)  # padding
+    levels = gptq_round(w, blocks, steps)
+    # Damping follows the whole layer's mean diagonal, so each block alone is damped to match.
+    mean = np.trace(h) / 70
+    for k in range(3):
+        cols = slice(24 * k, min(24 * (k + 1), 70))
+        own = h[cols, cols]
+        damping = 0.01 * mean / (np.trace(own) / own.shape[0])
+        np.testing.assert_array_equal(levels[:, cols], gptq_round(w[:, cols], own, steps, damping=damping))
+    # Feedback within blocks still beats plain rounding on the layer output.
+    plain = np.rint(w / steps[:, None])
+    err = lambda q: np.square(x @ (w - q * steps[:, None]).T).sum()
+    assert err(levels) < 0.7 * err(plain)
+    assert gptq_gain(h) <= gptq_gain(blocks) < 0.8
+    with pytest.raises(ValueError, match="70 columns"):
+        gptq_round(w[:, :60], None, steps, factor=gptq_factor(blocks, cols=70))
+
+
+def test_layer_hessian_blocks_are_the_diagonal_blocks_of_the_gram_matrix() -> None:
+    x = RNG.normal(size=(5000, 1100)).astype(np.float32)
+    blocks = allocation._gram(x, chunk=1024)
+    expected = diagonal_blocks(x.T.astype(np.float64) @ x.astype(np.float64))
+    assert blocks.shape == expected.shape == (3, 367, 367)
+    np.testing.assert_allclose(blocks, expected, rtol=1e-4, atol=1e-2)
+
+
+def test_sensitivity_runs_use_fewer_inputs_for_large_models() -> None:
+    def model_of(parameters: int) -> Model:
+        return Model("onnx", b"", [Tensor("w", np.zeros((parameters // 100, 100), np.float32), TensorRole.WEIGHT)], {})
+
+    assert allocation.sensitivity_samples(model_of(50_000)) == allocation.SENSITIVITY_SAMPLES
+    assert allocation.sensitivity_samples(model_of(4 << 20)) == 8
+    assert allocation.sensitivity_samples(model_of(100_000_000)) == allocation.MIN_SENSITIVITY_SAMPLES
 
 
 # --------------------------------------------------------------------------------------------
