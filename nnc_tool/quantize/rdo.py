@@ -262,7 +262,7 @@ def gptq_factor(hessian: np.ndarray, damping: float = DEFAULT_DAMPING, cols: int
     order = np.argsort(-diagonal, axis=1, kind="stable")  # "act order": most energetic input first
     dead = ~(np.take_along_axis(diagonal, order, axis=1) > 0)
     backwards = order[:, ::-1]
-    h = np.take_along_axis(np.take_along_axis(blocks, backwards[:, :, None], axis=1), backwards[:, None, :], axis=2)
+    h = blocks[np.arange(count)[:, None, None], backwards[:, :, None], backwards[:, None, :]]
     dead_backwards = dead[:, ::-1]
     h[dead_backwards, :] = 0.0
     h = np.where(dead_backwards[:, None, :], 0.0, h)
@@ -325,16 +325,17 @@ def gptq_round(
     reaches them), or set to level 0 with `zero_dead`. All blocks are rounded side by side.
     """
     rows, cols = np.shape(weights)
-    step = np.broadcast_to(np.asarray(steps, dtype=np.float64).reshape(-1), (rows,))
+    step = np.broadcast_to(np.asarray(steps, dtype=np.float32).reshape(-1), (rows,))
     factor = factor or gptq_factor(hessian, damping, cols)
-    upper, dead = factor.upper, factor.dead
+    upper, dead = factor.upper.astype(np.float32), factor.dead
     count, width = factor.order.shape
     if factor.cols != cols:
         raise ValueError(f"the Hessian has {factor.cols} columns, the weights {cols}")
     # Transposed, in quantization order: each column of W is a contiguous row, so the
     # column-by-column loop reads and writes contiguous memory (3x faster than strided columns).
-    padded = np.zeros((count * width, rows))
-    padded[:cols] = np.asarray(weights, dtype=np.float64).T
+    # float32, as GPTQ itself runs: 1.8x faster than float64 on ResNet-18, 1e-5 of its levels differ.
+    padded = np.zeros((count * width, rows), dtype=np.float32)
+    padded[:cols] = np.asarray(weights, dtype=np.float32).T
     columns = factor.columns()
     w = padded[columns]  # [count, width, rows], a fresh copy
     if zero_dead:
