@@ -280,3 +280,15 @@ def test_calibration_without_a_runner_falls_back_to_data_free(resnet) -> None:
     plan = plan_quantization(other, settings, calibration)
     assert plan.notes and not plan.compensated
     assert plan.qps == allocate_qps(other, settings)
+
+
+def test_sensitivity_runs_alongside_the_hessians_change_nothing(resnet) -> None:
+    # Without run_model, the sensitivity runs overlap the Hessians in a thread; the plan must
+    # be the one that measures them first and computes the Hessians afterwards.
+    model, calibration, _, _ = resnet
+    settings = QuantSettings(qp=-30)
+    overlapped = plan_quantization(model, settings, calibration)
+    sequential = plan_quantization(model, settings, calibration, cache={"sensitivities": measure_sensitivities(model, calibration)})
+    assert overlapped.compensated and overlapped.qps == sequential.qps
+    for a, b in zip(overlapped.model.tensors, sequential.model.tensors):
+        np.testing.assert_array_equal(a.array, b.array)
