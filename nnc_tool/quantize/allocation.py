@@ -16,10 +16,9 @@ Where s_i comes from:
   alone and measuring the output MSE on SENSITIVITY_SAMPLES inputs, fewer for models of over a
   million parameters (one run per tensor; the single-probe estimate is noisy, up to 2-6x per
   tensor on ResNet-18, but the optimum is flat: its allocation keeps 7.04 of the 7.15 dB an
-  8x-averaged estimate predicts). NONWEIGHT tensors
-  (biases, norm parameters) are allocated the same way. Tensors that do not reach the output on
-  the calibration data (s_i = 0, e.g. mobilenet's dead squeeze-excitation branches) get the
-  coarsest QP.
+  8x-averaged estimate predicts). NONWEIGHT tensors (biases, norm parameters) are allocated the
+  same way. Tensors that do not reach the output on the calibration data (s_i = 0, e.g.
+  mobilenet's dead squeeze-excitation branches) get the coarsest QP.
 - no data (the default): a proxy. Noise of relative size r = step / RMS(w) in a layer gives
   the layer's output relative noise ~ r whatever its fan-in, so s_i ~ 1 / RMS_i^2 per tensor.
   On the measured sensitivities of the sample models and ResNet-18, steps ~ scale_i * n_i^0.75
