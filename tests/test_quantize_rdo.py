@@ -292,3 +292,38 @@ def test_sensitivity_runs_alongside_the_hessians_change_nothing(resnet) -> None:
     assert overlapped.compensated and overlapped.qps == sequential.qps
     for a, b in zip(overlapped.model.tensors, sequential.model.tensors):
         np.testing.assert_array_equal(a.array, b.array)
+
+
+def test_error_feedback_on_a_wide_matmul_weight(tmp_path) -> None:
+    # A MatMul weight is stored [cols, rows]; 1100 input columns make three feedback blocks, the
+    # last one padded. Neighbouring inputs correlate, so feedback must beat plain rounding.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    cols, rows = 1100, 16
+    rng = np.random.default_rng(5)
+    weight = rng.normal(scale=0.05, size=(cols, rows)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, cols])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, rows])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    path = tmp_path / "wide.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    model = read_model(path)
+    noise = rng.normal(size=(600, cols + 8))
+    x = sum(noise[:, k : k + cols] for k in range(9)).astype(np.float32)
+    calibration, test = x[:400], x[400:]
+
+    settings = QuantSettings(qp=-24)
+    plan = plan_quantization(model, settings, calibration, allocate=False)
+    assert plan.compensated == ["w"]
+    compensated = plan.model.tensor_map()["w"].array
+    rounded = quantize(weight, TensorRole.WEIGHT, settings)
+    step = float(rounded.steps[0])
+    plain = rounded.levels * step
+    np.testing.assert_array_equal(compensated / step, np.rint(compensated / step))  # on the grid
+    reference = test @ weight
+    err = lambda w: float(np.square(test @ w - reference).mean())
+    assert err(compensated) < 0.5 * err(plain)
