@@ -264,8 +264,7 @@ def gptq_factor(hessian: np.ndarray, damping: float = DEFAULT_DAMPING, cols: int
     backwards = order[:, ::-1]
     h = blocks[np.arange(count)[:, None, None], backwards[:, :, None], backwards[:, None, :]]
     dead_backwards = dead[:, ::-1]
-    h[dead_backwards, :] = 0.0
-    h = np.where(dead_backwards[:, None, :], 0.0, h)
+    h = np.where(dead_backwards[:, :, None] | dead_backwards[:, None, :], 0.0, h)  # dead rows and columns
     mean = float(np.diagonal(h, axis1=1, axis2=2).sum() / cols) if cols else 0.0
     diag = np.arange(width)
     h[:, diag, diag] += damping * mean if mean > 0 else 1.0
