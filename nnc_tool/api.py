@@ -156,6 +156,7 @@ def write_bitstream(
             "error_feedback": options.error_feedback,
             "bias_correction": options.bias_correction,
             "dependent": options.dependent,
+            "kernel_correlation": options.kernel_correlation,
             "rdo": options.rdo,
             "bits": options.bits,
             "per_channel": options.per_channel,

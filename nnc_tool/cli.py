@@ -23,7 +23,8 @@ from .errors import NncError, UsageError
 from .progress import progress_bar
 from .prune import PruneConfig, PruneReport
 from .prune.config import ALLOCATIONS, IMPORTANCES, METHODS, NM_GRANULARITIES, SCOPES
-from .quantize.uniform import QuantSettings
+from .quantize.rdo import DEFAULT_KERNEL_CORRELATION
+from .quantize.uniform import MAX_KERNEL_CORRELATION, QuantSettings
 from .ratecontrol import RateTarget
 from .units import format_size, parse_size
 
@@ -104,6 +105,10 @@ def quantization_options(command):
         click.option("--dq", is_flag=True,
                      help="Dependent (trellis) quantization of weights, as in NNC: a few percent smaller at equal"
                           " quality on large conv nets, about twice the encode time."),
+        click.option("--kernel-correlation", type=click.FloatRange(0.0, MAX_KERNEL_CORRELATION), default=DEFAULT_KERNEL_CORRELATION,
+                     show_default=True, metavar="RHO",
+                     help="Round conv kernels tap by tap with error feedback for this assumed correlation of"
+                          " neighbouring inputs (0 = round to nearest); --calib's measured feedback replaces it."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -165,10 +170,11 @@ def _pruning(prune_method: str | None, sparsities: tuple[float, ...], scope: str
 
 def _settings(qp: int, nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool,
               uniform_qp: bool = False, rdo: float = 0.0, no_error_feedback: bool = False,
-              no_bias_correction: bool = False, dq: bool = False) -> QuantSettings:
+              no_bias_correction: bool = False, dq: bool = False,
+              kernel_correlation: float = DEFAULT_KERNEL_CORRELATION) -> QuantSettings:
     return QuantSettings(qp=qp, nonweight_qp=nonweight_qp, bits=bits, per_channel=per_channel, lossless=lossless,
                          allocate=not uniform_qp, rdo=rdo, error_feedback=not no_error_feedback,
-                         bias_correction=not no_bias_correction, dependent=dq)
+                         bias_correction=not no_bias_correction, dependent=dq, kernel_correlation=kernel_correlation)
 
 
 def rate_control_options(command):
@@ -261,7 +267,7 @@ def _quiet_and_verbose(quiet: bool, verbose: bool) -> None:
 @handle_errors
 def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, jobs: int, qp: int,
            nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float,
-           no_error_feedback: bool, no_bias_correction: bool, dq: bool, target_size: int | None, target_ratio: float | None, target_snr: float | None,
+           no_error_feedback: bool, no_bias_correction: bool, dq: bool, kernel_correlation: float, target_size: int | None, target_ratio: float | None, target_snr: float | None,
            max_acc_drop: float | None, data: str | None, no_fold_bn: bool, as_json: bool, quiet: bool, verbose: bool,
            **prune_options) -> None:
     """Compress MODEL into an nnc bitstream (-o), or many MODELs into a directory (-d).
@@ -284,7 +290,7 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
     calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
     evaluation = load_eval_data(data) if data is not None else None
     settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo, no_error_feedback,
-                         no_bias_correction, dq)
+                         no_bias_correction, dq, kernel_correlation)
     pruning = _pruning(calibration=calibration, **prune_options)
     if output_dir is not None:
         _encode_batch(models, output_dir, jobs, settings, pruning, not no_fold_bn, calibration, as_json, quiet, verbose,
@@ -468,7 +474,7 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
 @handle_errors
 def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight_qp: int | None, bits: int | None,
           per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float, no_error_feedback: bool,
-          no_bias_correction: bool, dq: bool, no_fold_bn: bool,
+          no_bias_correction: bool, dq: bool, kernel_correlation: float, no_fold_bn: bool,
           sweep_spec: str | None,
           plot_path: str | None, runs: int, warmup: int, batch_size: int, threads: int,
           fail_below_accuracy: float | None, fail_above_size: int | None, fail_above_latency_ratio: float | None,
@@ -503,7 +509,7 @@ def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight
         check_plot_target(plot_path)  # before the sweep, not after minutes of work
     calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
     settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo, no_error_feedback,
-                         no_bias_correction, dq)
+                         no_bias_correction, dq, kernel_correlation)
     pruning = _pruning(calibration=calibration, **prune_options)
     if sweeping:
         qps = parse_sweep(sweep_spec).values if sweep_spec is not None else (qp,)

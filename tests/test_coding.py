@@ -20,8 +20,11 @@ RNG = np.random.default_rng(1234)
 
 def plain(**options) -> QuantSettings:
     """Settings with round-to-nearest quantization (rate-aware rounding off where it exists)."""
-    if "rdo" in {f.name for f in dataclasses.fields(QuantSettings)}:
+    fields = {f.name for f in dataclasses.fields(QuantSettings)}
+    if "rdo" in fields:
         options.setdefault("rdo", 0)
+    if "kernel_correlation" in fields:
+        options.setdefault("kernel_correlation", 0.0)
     return QuantSettings(**options)
 
 

@@ -372,7 +372,7 @@ def plan_quantization(
             continue
         tensors.append(Tensor(t.name, reconstruction, t.role))
         # The values already lie on the grid: code them as they are.
-        per_tensor[t.name] = replace(own, rdo=0.0, dependent=False)
+        per_tensor[t.name] = replace(own, rdo=0.0, dependent=False, kernel_correlation=0.0)
         compensated.append(t.name)
     if compensated:
         model = replace(model, tensors=tensors)

@@ -32,15 +32,35 @@ that the layer output moves least. With correlated inputs (image patches, featur
 error drops several-fold at the same step and the same size; the levels still lie on the uniform
 grid, so the decoder is unchanged. Wide layers get the feedback within blocks of GPTQ_BLOCK
 consecutive columns, which keeps the cost linear in the layer's width.
+
+Kernel feedback (`kernel_feedback_round`, QuantSettings.kernel_correlation), the data-free
+counterpart: without calibration inputs the one thing known about a convolution's input is that
+neighbouring positions of a feature map are positively correlated (natural images, and every
+feature map computed from them). GPTQ with the prior H = I (channels) x S (taps), S[a, b] =
+rho^(|di| + |dj|) (Manhattan distance between taps a and b of the kernel), spreads each tap's
+rounding error over the taps of the same kernel not yet rounded: the kernel's error becomes
+high-pass, which a smooth input averages out. Cheap (one vectorised step per tap) and the
+decoder is unchanged. Measured (benchmark driver, data-free, BD-rate vs NNCodec at equal output
+SNR; rho = 0 / 0.2 / 0.3 / 0.4 / 0.6): ResNet-18 -16.5 / -19.1 / -19.2 / - / -13.7 %, sample
+resnet -20.7 / - / -21.2 / -19.9 (0.5) / -18.0 (0.7) %, mobilenet -23.1 / -23.2 / -23.3 / -23.3 %,
+lenet within 0.4 points of each other. A prior stronger than the real correlation hurts (deep
+layers see small, less smooth maps), a mild one is a fair bet: DEFAULT_KERNEL_CORRELATION = 0.3.
+Its price where the inputs are not correlated at all: about 12 % more output error (0.5 dB) from
+those layers; `--kernel-correlation 0` turns it off.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 # Lambda scale c in lambda = c * step^2 (bits are in bits, distortion in squared steps).
 DEFAULT_LAMBDA = 0.12
+# Assumed correlation of horizontally or vertically adjacent inputs of a convolution kernel.
+DEFAULT_KERNEL_CORRELATION = 0.3
+# Kernels of more taps than this are rounded to nearest (one Python step per tap).
+MAX_KERNEL_TAPS = 64
 MAX_ITERATIONS = 4
 # Below this many values the entropy coder uses fixed-width or trivially small streams.
 MIN_VALUES = 17
@@ -356,3 +376,43 @@ def gptq_round(
     out = np.empty((count * width, rows), dtype=np.int64)
     out[columns.reshape(-1)] = levels.reshape(-1, rows)
     return np.ascontiguousarray(out[:cols].T)
+
+
+@lru_cache(maxsize=64)
+def _kernel_factor(kernel: tuple[int, ...], rho: float) -> np.ndarray:
+    """Upper Cholesky factor of S^-1 for the taps of `kernel` (C order), S[a, b] = rho^(L1 distance)."""
+    taps = np.stack([axis.ravel() for axis in np.meshgrid(*(np.arange(k) for k in kernel), indexing="ij")], axis=1)
+    distance = np.abs(taps[:, None, :] - taps[None, :, :]).sum(axis=2)
+    correlation = np.power(float(rho), distance)
+    return np.linalg.cholesky(np.linalg.inv(correlation)).T
+
+
+def kernel_feedback_round(scaled: np.ndarray, kernel: tuple[int, ...], rho: float = DEFAULT_KERNEL_CORRELATION) -> np.ndarray:
+    """Levels (float64 integers) of `scaled` ([kernels, taps]: weights / step, one kernel of
+    prod(kernel) taps per row) rounded tap by tap, each tap's error spread over the kernel's later
+    taps as GPTQ does for an input correlation rho^(L1 distance between taps). rho = 0 or a
+    single tap is plain rounding."""
+    w = np.array(scaled, dtype=np.float64)  # a copy: updated in place
+    taps = w.shape[1]
+    if rho <= 0 or taps < 2:
+        return np.rint(w)
+    if int(np.prod(kernel)) != taps:
+        raise ValueError(f"kernel {kernel} has {int(np.prod(kernel))} taps, the rows {taps}")
+    upper = _kernel_factor(tuple(int(k) for k in kernel), float(rho))
+    for tap in range(taps):
+        level = np.rint(w[:, tap])
+        error = (w[:, tap] - level) / upper[tap, tap]
+        w[:, tap] = level
+        w[:, tap + 1 :] -= error[:, None] * upper[tap, tap + 1 :]
+    return w
+
+
+def kernel_feedback_reach(kernel: tuple[int, ...], rho: float = DEFAULT_KERNEL_CORRELATION) -> float:
+    """How far (in steps) kernel feedback can move a value before it is rounded: each earlier
+    tap's error is at most half a step over its factor's diagonal."""
+    taps = int(np.prod(kernel))
+    if rho <= 0 or taps < 2:
+        return 0.0
+    upper = _kernel_factor(tuple(int(k) for k in kernel), float(rho))
+    spread = np.abs(np.triu(upper, 1)) / np.diagonal(upper)[:, None]
+    return float(0.5 * spread.sum(axis=0).max())

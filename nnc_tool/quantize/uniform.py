@@ -5,13 +5,14 @@ size (NNCodec uses the same convention, which keeps our QP sweeps comparable wit
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..model import TensorRole
-from .rdo import DEFAULT_LAMBDA, rdo_round
+from .rdo import DEFAULT_KERNEL_CORRELATION, DEFAULT_LAMBDA, MAX_KERNEL_TAPS, kernel_feedback_reach, kernel_feedback_round, rdo_round
 from .trellis import chain_length, grid_values, trellis_levels
 
 # Rate-aware rounding only where the tensor's own histogram is a usable rate model: large WEIGHT
@@ -24,6 +25,8 @@ DEPENDENT_MIN_VALUES = 1024
 # (or it holds huge outliers); it is coded losslessly instead.
 MAX_LEVEL = 1 << 40
 QP_RANGE = (-256, 255)
+# Beyond this the assumed tap correlation matrix is too close to singular to invert usefully.
+MAX_KERNEL_CORRELATION = 0.95
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,11 @@ class QuantSettings:
         data-free ResNet-18 (digits) needs 2.3 % fewer bytes at equal output SNR with it, but
         encoding takes about twice as long, and the small sample models gain nothing
         (mlp -1.1 %, lenet +1.5 %).
+    kernel_correlation: rho of data-free kernel feedback (quantize/rdo.py): the taps of every
+        convolution kernel (WEIGHT tensors of 3+ axes, the trailing ones spatial, 2 to
+        MAX_KERNEL_TAPS taps) are rounded with GPTQ error feedback for an assumed input correlation
+        rho^(distance); 0 rounds to nearest. Not with `rdo`, `dependent` or `bits`; calibrated
+        error feedback replaces it where it applies.
     Per-tensor choices (allocate, error_feedback) are made once per model by
     `allocation.plan_quantization`; `quantize` itself only sees one tensor's settings.
     """
@@ -70,12 +78,15 @@ class QuantSettings:
     error_feedback: bool = True
     bias_correction: bool = True
     dependent: bool = False
+    kernel_correlation: float = DEFAULT_KERNEL_CORRELATION
 
     def __post_init__(self) -> None:
         if isinstance(self.rdo, bool):
             object.__setattr__(self, "rdo", DEFAULT_LAMBDA if self.rdo else 0.0)
         if not 0.0 <= float(self.rdo) <= 16.0:
             raise ValueError(f"rdo must lie in [0, 16], got {self.rdo}")
+        if not 0.0 <= float(self.kernel_correlation) <= MAX_KERNEL_CORRELATION:
+            raise ValueError(f"kernel_correlation must lie in [0, {MAX_KERNEL_CORRELATION}], got {self.kernel_correlation}")
         for name in ("qp", "nonweight_qp"):
             value = getattr(self, name)
             if value is None and name == "nonweight_qp":
@@ -196,6 +207,18 @@ def quantize(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> Q
         # Rate-aware rounding needs the whole tensor's histogram: it works on the tensor at once.
         scaled = rows / (steps[:, None] if steps.size > 1 else steps[0])
         return Quantized(levels=rdo_round(scaled, float(settings.rdo)).reshape(values.shape), steps=steps, qps=qps)
+    if uses_kernel_feedback(values.shape, role, settings):
+        kernels = rows.reshape(-1, math.prod(values.shape[2:]))
+        per_kernel = values.shape[1]
+        reach = largest + kernel_feedback_reach(values.shape[2:], settings.kernel_correlation) + 1
+        if reach >= MAX_LEVEL:
+            return None
+        levels = np.empty(kernels.shape, dtype=np.int32 if reach < 2**31 - 1 else np.int64)
+        kernel_steps = np.repeat(row_steps, per_kernel) if steps.size > 1 else None
+        for block in row_slices(kernels):
+            part = kernels[block] / (kernel_steps[block, None] if kernel_steps is not None else steps[0])
+            levels[block] = kernel_feedback_round(part, values.shape[2:], settings.kernel_correlation)
+        return Quantized(levels=levels.reshape(values.shape), steps=steps, qps=qps)
     if uses_dependent(values.size, role, settings) and largest < 1 << 21:
         chain = chain_length(values.size)
         levels = trellis_levels(rows, chain, steps * np.float32(0.5))
@@ -207,6 +230,15 @@ def quantize(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> Q
         np.rint(part, out=part)
         levels[block] = part
     return Quantized(levels=levels.reshape(values.shape), steps=steps, qps=qps)
+
+
+def uses_kernel_feedback(shape: tuple[int, ...], role: TensorRole, settings: QuantSettings) -> bool:
+    """Whether a tensor of `shape` is rounded with kernel feedback (see QuantSettings.kernel_correlation)."""
+    return (
+        settings.kernel_correlation > 0 and role == TensorRole.WEIGHT and len(shape) >= 3
+        and 2 <= math.prod(shape[2:]) <= MAX_KERNEL_TAPS and math.prod(shape) > 0
+        and settings.bits is None and not settings.rdo and not settings.dependent and not settings.lossless
+    )
 
 
 def uses_dependent(size: int, role: TensorRole, settings: QuantSettings) -> bool:
