@@ -138,6 +138,11 @@ def test_kernel_feedback_is_gptq_with_the_tap_correlation_prior() -> None:
     np.testing.assert_array_equal(kernel_feedback_round(scaled[:, :1], (1,), 0.3), np.rint(scaled[:, :1]))
     with pytest.raises(ValueError, match="taps"):
         kernel_feedback_round(scaled, (2, 2), 0.3)
+    # Pruned (exactly zero) taps keep level 0: sparsity and N:M patterns survive.
+    sparse = scaled * (RNG.random(scaled.shape) < 0.5)
+    levels = kernel_feedback_round(sparse, (3, 3), 0.3)
+    assert (levels[sparse == 0] == 0).all()
+    assert not np.array_equal(levels, np.rint(sparse))
 
 
 def test_kernel_feedback_lowers_the_output_error_on_smooth_inputs_for_about_the_same_bits() -> None:
@@ -186,6 +191,16 @@ def test_quantize_applies_kernel_feedback_to_conv_kernels_only() -> None:
     np.testing.assert_array_equal(decode_tensor(encode_tensor(tensor, settings)).array, np.multiply(q.levels, np.float32(step), dtype=np.float32))
     with pytest.raises(ValueError, match="kernel_correlation"):
         QuantSettings(kernel_correlation=0.99)
+
+
+def test_gptq_keeps_pruned_weights_at_zero() -> None:
+    x = RNG.normal(size=(2000, 24)) @ (np.eye(24) + 0.9 * RNG.normal(size=(24, 24)) / 5)
+    h = x.T @ x
+    w = RNG.normal(size=(16, 24))
+    w[:, ::2] = 0.0  # 1:2 pruned
+    levels = gptq_round(w, h, 0.2)
+    assert (levels[:, ::2] == 0).all()
+    assert np.square(x @ (w - levels * 0.2).T).sum() < np.square(x @ (w - np.rint(w / 0.2) * 0.2).T).sum()
 
 
 @pytest.mark.parametrize("cols,block", [(1030, 512), (700, 256), (96, 512)])

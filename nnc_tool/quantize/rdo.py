@@ -341,7 +341,8 @@ def gptq_round(
     yet rounded so that the layer output on the calibration inputs (hessian = sum of x x^T over
     them, whole or as diagonal blocks, see `gptq_factor`) moves as little as possible. Columns
     whose input is always zero on the calibration data are rounded to nearest (no feedback
-    reaches them), or set to level 0 with `zero_dead`. All blocks are rounded side by side.
+    reaches them), or set to level 0 with `zero_dead`. Weights that are exactly 0 (pruned) keep
+    level 0. All blocks are rounded side by side.
     """
     rows, cols = np.shape(weights)
     step = np.broadcast_to(np.asarray(steps, dtype=np.float32).reshape(-1), (rows,))
@@ -357,6 +358,9 @@ def gptq_round(
     padded[:cols] = np.asarray(weights, dtype=np.float32).T
     columns = factor.columns()
     w = padded[columns]  # [count, width, rows], a fresh copy
+    # Pruned weights (exactly zero) keep level 0, as in SparseGPT: the mask survives, their
+    # neighbours still absorb the error they receive.
+    pruned = w == 0 if (w == 0).any() else None
     if zero_dead:
         w[dead] = 0.0
     levels = np.empty((count, width, rows), dtype=np.int64)
@@ -367,6 +371,8 @@ def gptq_round(
         for i in range(stop - start):
             k = start + i
             q = np.rint(part[:, i] / step)
+            if pruned is not None:
+                q[pruned[:, k]] = 0.0
             levels[:, k] = q
             error = (part[:, i] - q * step) / upper[:, k, k, None]
             part[:, i + 1 :] -= upper[:, k, k + 1 : stop, None] * error[:, None, :]
@@ -388,23 +394,30 @@ def _kernel_factor(kernel: tuple[int, ...], rho: float) -> np.ndarray:
 
 
 def kernel_feedback_round(scaled: np.ndarray, kernel: tuple[int, ...], rho: float = DEFAULT_KERNEL_CORRELATION) -> np.ndarray:
-    """Levels (float64 integers) of `scaled` ([kernels, taps]: weights / step, one kernel of
-    prod(kernel) taps per row) rounded tap by tap, each tap's error spread over the kernel's later
-    taps as GPTQ does for an input correlation rho^(L1 distance between taps). rho = 0 or a
-    single tap is plain rounding."""
-    w = np.array(scaled, dtype=np.float64)  # a copy: updated in place
+    """float32 levels of `scaled` ([kernels, taps]: weights / step, one kernel of prod(kernel)
+    taps per row) rounded tap by tap, each tap's error spread over the kernel's later taps as
+    GPTQ does for an input correlation rho^(L1 distance between taps). rho = 0 or a single tap is
+    plain rounding. Values stay exact below 2^22 (callers round larger ones to nearest). A value
+    that is exactly 0 (pruned) keeps level 0; its error is still passed on."""
+    w = np.asarray(scaled, dtype=np.float32)
     taps = w.shape[1]
     if rho <= 0 or taps < 2:
         return np.rint(w)
     if int(np.prod(kernel)) != taps:
         raise ValueError(f"kernel {kernel} has {int(np.prod(kernel))} taps, the rows {taps}")
-    upper = _kernel_factor(tuple(int(k) for k in kernel), float(rho))
+    upper = _kernel_factor(tuple(int(k) for k in kernel), float(rho)).astype(np.float32)
+    # Transposed: each tap of every kernel is one contiguous row (float32, as gptq_round runs).
+    columns = np.ascontiguousarray(w.T)
+    pruned = columns == 0
     for tap in range(taps):
-        level = np.rint(w[:, tap])
-        error = (w[:, tap] - level) / upper[tap, tap]
-        w[:, tap] = level
-        w[:, tap + 1 :] -= error[:, None] * upper[tap, tap + 1 :]
-    return w
+        row = columns[tap]
+        level = np.rint(row)
+        level[pruned[tap]] = 0.0
+        error = (row - level) / upper[tap, tap]
+        row[...] = level
+        if tap + 1 < taps:
+            columns[tap + 1 :] -= upper[tap, tap + 1 :, None] * error
+    return columns.T
 
 
 def kernel_feedback_reach(kernel: tuple[int, ...], rho: float = DEFAULT_KERNEL_CORRELATION) -> float:

@@ -207,13 +207,11 @@ def quantize(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> Q
         # Rate-aware rounding needs the whole tensor's histogram: it works on the tensor at once.
         scaled = rows / (steps[:, None] if steps.size > 1 else steps[0])
         return Quantized(levels=rdo_round(scaled, float(settings.rdo)).reshape(values.shape), steps=steps, qps=qps)
-    if uses_kernel_feedback(values.shape, role, settings):
+    # float32 feedback keeps levels exact below 2^22; the feedback may move a value `reach` steps.
+    if uses_kernel_feedback(values.shape, role, settings) and largest + kernel_feedback_reach(values.shape[2:], settings.kernel_correlation) < 1 << 22:
         kernels = rows.reshape(-1, math.prod(values.shape[2:]))
         per_kernel = values.shape[1]
-        reach = largest + kernel_feedback_reach(values.shape[2:], settings.kernel_correlation) + 1
-        if reach >= MAX_LEVEL:
-            return None
-        levels = np.empty(kernels.shape, dtype=np.int32 if reach < 2**31 - 1 else np.int64)
+        levels = np.empty(kernels.shape, dtype=np.int32)
         kernel_steps = np.repeat(row_steps, per_kernel) if steps.size > 1 else None
         for block in row_slices(kernels):
             part = kernels[block] / (kernel_steps[block, None] if kernel_steps is not None else steps[0])
