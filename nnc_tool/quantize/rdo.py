@@ -360,7 +360,8 @@ def gptq_round(
     w = padded[columns]  # [count, width, rows], a fresh copy
     # Pruned weights (exactly zero) keep level 0, as in SparseGPT: the mask survives, their
     # neighbours still absorb the error they receive.
-    pruned = w == 0 if (w == 0).any() else None
+    # (Judged on the real weights: padding columns are zero too, but need no mask.)
+    pruned = w == 0 if not np.all(weights) else None
     if zero_dead:
         w[dead] = 0.0
     levels = np.empty((count, width, rows), dtype=np.int64)
