@@ -868,12 +868,6 @@ def _plan_pattern(flat: np.ndarray, shape: tuple[int, ...], histogram, bound: fl
     sig_info_bytes = n * -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / 8
     if sig_info_bytes < 24:
         return None  # at most this much to gain: not worth a second model
-    nonzero_mask = values != 0
-    nz_values = values[nonzero_mask]
-    nz_values = nz_values - (nz_values > 0)
-    nz_model = _best_value_model(nz_values, counts[nonzero_mask], bound=bound)
-    if nz_model is None:
-        return None
     sig = (flat != 0).reshape(shape)
     layouts = []
     for axis, length in enumerate(shape):
@@ -890,6 +884,18 @@ def _plan_pattern(flat: np.ndarray, shape: tuple[int, ...], histogram, bound: fl
             cost = (entropy + 4 * (1 << group)) / 8
             layouts.append((cost, axis, group))
     if not layouts:
+        return None
+    # PATTERN only pays for the neighbour dependence of the zeros: what the sampled layouts
+    # save over coding each position's significance alone. Below half the share it must save,
+    # skip the exact counts and the second value model (ResNet-18, data-free: coding 0.1 s
+    # faster; over 56 sample-model streams, two pruned ones grow by 3 and 5 bytes).
+    if sig_info_bytes - min(layouts)[0] < 0.5 * PATTERN_MIN_SAVING * bound:
+        return None
+    nonzero_mask = values != 0
+    nz_values = values[nonzero_mask]
+    nz_values = nz_values - (nz_values > 0)
+    nz_model = _best_value_model(nz_values, counts[nonzero_mask], bound=bound)
+    if nz_model is None:
         return None
     best = None
     for _, axis, group in sorted(layouts)[:2]:
