@@ -570,26 +570,36 @@ def _read_value_model(reader: ByteReader, b: int) -> _ReadModel:
 
 
 class _SymbolMapper:
-    """(bin symbols, low-bit counts, low bits) of values under a value model, a block at a time.
+    """Bin symbols and (low bits, low-bit counts) of values under a value model, a block at a time.
 
     When the values span a range no wider than their count, each distinct value is mapped once
-    into a table and blocks gather from it: much cheaper than per-value bit lengths.
+    into a table and blocks gather from it: much cheaper than per-value bit lengths. The symbol
+    pass gathers only the symbols, and a table without low bits (a plain histogram) skips the
+    low-bit pass altogether.
     """
 
     def __init__(self, model: _ValueModel, low: int, high: int, count: int) -> None:
         self._model = model
         self._low = low
         self._table = None
+        self.has_low_bits = True
         if count > 4096 and high - low <= count:
             symbols, shift, low_bits = _value_symbols_direct(np.arange(low, high + 1, dtype=np.int64), model)
             self._table = (symbols.astype(np.int32), shift.astype(np.int8), low_bits)
+            self.has_low_bits = bool(shift.any())
 
-    def __call__(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def symbols(self, values: np.ndarray) -> np.ndarray:
         if self._table is None:
-            return _value_symbols_direct(values.astype(np.int64), self._model)
-        index = values.astype(np.int64) - self._low
-        symbols, shift, low_bits = self._table
-        return symbols[index], shift[index], low_bits[index]
+            return _value_symbols_direct(values.astype(np.int64), self._model)[0]
+        return self._table[0][np.subtract(values, self._low, dtype=np.intp)]
+
+    def low_bits(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(low bits, their count) of every value."""
+        if self._table is None:
+            _, shift, bits = _value_symbols_direct(values.astype(np.int64), self._model)
+            return bits, shift
+        index = np.subtract(values, self._low, dtype=np.intp)
+        return self._table[2][index], self._table[1][index]
 
 
 def _value_symbols_direct(values: np.ndarray, model: _ValueModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -788,13 +798,9 @@ def _value_payload(values: np.ndarray, model: _ValueModel, ans: _AnsWriter) -> b
         return values[blocks[i] : blocks[i] + BLOCK_VALUES]
 
     if model.size > 1:
-        ans.categorical_blocks(len(blocks), lambda i: mapper(block(i))[0], count_value(model.codes, model.r))
-
-    def low_bits(i: int) -> tuple[np.ndarray, np.ndarray]:
-        _, shift, bits = mapper(block(i))
-        return bits, shift
-
-    ans.low_bits_blocks(len(blocks), low_bits)
+        ans.categorical_blocks(len(blocks), lambda i: mapper.symbols(block(i)), count_value(model.codes, model.r))
+    if mapper.has_low_bits:
+        ans.low_bits_blocks(len(blocks), lambda i: mapper.low_bits(block(i)))
     return ans.getvalue()
 
 
