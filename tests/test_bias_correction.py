@@ -239,3 +239,18 @@ def test_encode_report_counts_corrected_layers(samples_dir) -> None:
         calibration = data["x"][:64]
     # With calibration data every layer gets GPTQ error feedback instead.
     assert api.encode(path, None, QuantSettings(qp=-30), calibration=calibration).corrected_biases == 0
+
+
+def test_name_uses_counts_subgraph_reads_and_outputs():
+    from onnx import helper
+
+    from nnc_tool.graph.onnx_util import name_uses
+
+    branch = helper.make_graph([helper.make_node("Identity", ["w"], ["b_out"])], "branch", [], [helper.make_tensor_value_info("b_out", 1, None)])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch)],
+        "main", [], [helper.make_tensor_value_info("y", 1, None), helper.make_tensor_value_info("z", 1, None)],
+    )
+    uses = name_uses(graph)
+    # w: the MatMul and both If branches; y is read as a graph output only.
+    assert uses == {"x": 1, "w": 3, "cond": 1, "y": 1, "z": 1}

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from ..model import Model
-from .onnx_util import attributes, subgraphs, topology_proto
+from .onnx_util import attributes, name_uses, topology_proto
 
 __all__ = ["ChannelMoments", "LayerInput", "channel_moments", "layer_inputs"]
 
@@ -162,10 +162,7 @@ def layer_inputs(model: Model, moments: dict[str, ChannelMoments]) -> dict[str, 
 
     graph = topology_proto(model.topology).graph
     tensors = model.tensor_map()
-    uses: dict[str, int] = {}
-    _count_uses(graph, uses)
-    for output in graph.output:
-        uses[output.name] = uses.get(output.name, 0) + 1
+    uses = name_uses(graph)
 
     candidates = [n for n in graph.node if n.domain in _STANDARD_DOMAINS and n.op_type in ("Conv", "Gemm") and len(n.input) >= 3]
     spatial: dict[str, list[int]] = {}
@@ -191,15 +188,6 @@ def layer_inputs(model: Model, moments: dict[str, ChannelMoments]) -> dict[str, 
             continue
         found[weight_name] = LayerInput(weight_name, bias_name, expected, out_axis, removable)
     return found
-
-
-def _count_uses(graph: onnx.GraphProto, uses: dict[str, int]) -> None:
-    """How often each name is read by the graph's nodes, its subgraphs' nodes included."""
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-        for sub in subgraphs(node):
-            _count_uses(sub, uses)
 
 
 def _input_shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:

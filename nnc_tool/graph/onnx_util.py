@@ -27,6 +27,24 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
+def name_uses(graph: onnx.GraphProto) -> dict[str, int]:
+    """How often each name is read: by the graph's nodes (their subgraphs' nodes included) and
+    as a graph output. A weight read once can be rewritten for its one reader."""
+    uses: dict[str, int] = {}
+    _count_reads(graph, uses)
+    for output in graph.output:
+        uses[output.name] = uses.get(output.name, 0) + 1
+    return uses
+
+
+def _count_reads(graph: onnx.GraphProto, uses: dict[str, int]) -> None:
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+        for sub in subgraphs(node):
+            _count_reads(sub, uses)
+
+
 def cpu_session(proto: onnx.ModelProto, threads: int = 1, optimization_level=None):
     """An onnxruntime CPU session over an in-memory model, quiet and with a fixed thread count."""
     import onnxruntime as ort

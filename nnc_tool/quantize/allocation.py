@@ -52,7 +52,7 @@ import numpy as np
 
 from ..fileio import release_pages
 from ..graph.activation_stats import ChannelMoments, layer_inputs
-from ..graph.onnx_util import attributes
+from ..graph.onnx_util import attributes, name_uses
 from ..model import Model, Tensor, TensorRole
 from .bias_correction import correct_biases
 from .rdo import GptqFactor, block_layout, gptq_factor, gptq_gain, gptq_round
@@ -535,12 +535,7 @@ def layer_hessians(model: Model, calibration: np.ndarray) -> dict[str, _LayerHes
 
     proto = to_proto(model)
     by_name = {t.name: t for t in model.tensors}
-    uses: dict[str, int] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    for output in proto.graph.output:
-        uses[output.name] = uses.get(output.name, 0) + 1
+    uses = name_uses(proto.graph)  # subgraph reads count too: GPTQ sees the main graph's inputs only
 
     wanted = {}
     for node in proto.graph.node:
