@@ -39,7 +39,7 @@ import onnx
 from ..model import Model
 from .onnx_util import attributes, name_uses, topology_proto
 
-__all__ = ["ChannelMoments", "LayerInput", "channel_moments", "layer_inputs"]
+__all__ = ["ChannelMoments", "LayerInput", "channel_moments", "conv_input_second_moments", "layer_inputs"]
 
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 _PASS_THROUGH = frozenset({"Identity", "Dropout", "MaxPool"})
@@ -49,10 +49,14 @@ _SHAPE_CONSTANT_ELEMENTS = 1 << 12
 
 @dataclass(frozen=True)
 class ChannelMoments:
-    """Per-channel mean and per-element variance of an NC... activation (variance None: unknown)."""
+    """Per-channel mean and per-element variance of an NC... activation (variance None: unknown).
+
+    `covariance` ([C, C], None: unknown) is the covariance between channels at one position,
+    estimated where the activation descends from a convolution (see `channel_moments`)."""
 
     mean: np.ndarray
     var: np.ndarray | None
+    covariance: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,16 @@ def _rectified(moments: ChannelMoments) -> ChannelMoments | None:
     constant = np.maximum(m, 0.0)  # a channel without variance is relu of its mean
     mean = np.where(s > 0, m * cdf + s * pdf, constant)
     second = np.where(s > 0, (m * m + s * s) * cdf + m * s * pdf, constant * constant)
-    return ChannelMoments(mean, np.maximum(second - mean * mean, 0.0))
+    var = np.maximum(second - mean * mean, 0.0)
+    covariance = None
+    if moments.covariance is not None:
+        # To first order a ReLU passes a channel's fluctuations with the probability that the
+        # channel is positive: Cov(relu x_i, relu x_j) ~ P(x_i > 0) P(x_j > 0) Cov(x_i, x_j).
+        # The variances on the diagonal are exact.
+        passed = np.where(s > 0, cdf, (m > 0).astype(np.float64))
+        covariance = moments.covariance * np.outer(passed, passed)
+        np.fill_diagonal(covariance, var)
+    return ChannelMoments(mean, var, covariance)
 
 
 def channel_moments(model: Model) -> dict[str, ChannelMoments]:
@@ -101,20 +114,56 @@ def channel_moments(model: Model) -> dict[str, ChannelMoments]:
     graph = topology_proto(model.topology).graph
     constants = model.tensor_map()
     known: dict[str, ChannelMoments] = {}
+    correlations: dict[str, np.ndarray] = {}  # convolution outputs: correlation between channels
     for node in graph.node:
         if node.domain not in _STANDARD_DOMAINS or not node.output or not node.output[0]:
             continue
-        result = _propagate(node, known, constants)
+        if node.op_type == "Conv":
+            correlation = _conv_correlation(node, constants)
+            if correlation is not None:
+                correlations[node.output[0]] = correlation
+            continue
+        result = _propagate(node, known, constants, correlations)
         if result is not None and np.isfinite(result.mean).all():
+            if result.covariance is not None and not np.isfinite(result.covariance).all():
+                result = ChannelMoments(result.mean, result.var)
             known[node.output[0]] = result
     return known
 
 
-def _propagate(node: onnx.NodeProto, known: dict[str, ChannelMoments], constants: dict) -> ChannelMoments | None:
+def _conv_correlation(node: onnx.NodeProto, constants: dict) -> np.ndarray | None:
+    """Correlation between the output channels of an ungrouped convolution for white input:
+    W W^T over each filter's (input channel, tap) weights, normalised.
+
+    Data-free, the input's own correlations are unknown; the filters' overlap is what makes two
+    output channels move together. On the digits ResNet-18 the estimate correlates with the
+    measured input correlations of the next layers at 0.1-0.3 (0.24 in the first stage), and
+    GPTQ on it still gains 2 BD-rate points (see quantize/allocation.py)."""
+    if len(node.input) < 2 or int(attributes(node).get("group", 1)) != 1:
+        return None
+    weight = constants.get(node.input[1])
+    if weight is None or weight.array.ndim < 3 or not weight.is_float:
+        return None
+    rows = np.asarray(weight.array, dtype=np.float32).reshape(weight.array.shape[0], -1)
+    gram = (rows @ rows.T).astype(np.float64)
+    scale = np.sqrt(np.maximum(np.diagonal(gram), 0.0))
+    if not (scale > 0).all():
+        return None
+    return gram / np.outer(scale, scale)
+
+
+def _propagate(
+    node: onnx.NodeProto, known: dict[str, ChannelMoments], constants: dict, correlations: dict[str, np.ndarray]
+) -> ChannelMoments | None:
     op = node.op_type
     inputs = [known.get(name) for name in node.input if name]
     if op == "BatchNormalization":
-        return _batchnorm_output(node, constants)
+        result = _batchnorm_output(node, constants)
+        correlation = correlations.get(node.input[0]) if node.input else None
+        if result is None or result.var is None or correlation is None or correlation.shape[0] != result.mean.size:
+            return result
+        deviation = np.sqrt(result.var)
+        return ChannelMoments(result.mean, result.var, correlation * np.outer(deviation, deviation))
     if op in _PASS_THROUGH or (op == "Flatten" and attributes(node).get("axis", 1) == 1):
         return inputs[0] if inputs else None
     if op == "Relu":
@@ -124,7 +173,12 @@ def _propagate(node: onnx.NodeProto, known: dict[str, ChannelMoments], constants
             return None
         mean = np.sum([m.mean for m in inputs], axis=0)
         var = None if any(m.var is None for m in inputs) else np.sum([m.var for m in inputs], axis=0)
-        return ChannelMoments(mean, var)
+        covariance = None
+        if var is not None and any(m.covariance is not None for m in inputs):
+            # Independent inputs (as for the variances): covariances add, a branch without one
+            # adds its variances.
+            covariance = np.sum([m.covariance if m.covariance is not None else np.diag(m.var) for m in inputs], axis=0)
+        return ChannelMoments(mean, var, covariance)
     if op == "GlobalAveragePool" or (op == "AveragePool" and not _counts_padding(node)):
         return ChannelMoments(inputs[0].mean, None) if inputs and inputs[0] is not None else None
     return None
@@ -187,6 +241,31 @@ def layer_inputs(model: Model, moments: dict[str, ChannelMoments]) -> dict[str, 
         if bias.array.size != weight.array.shape[out_axis]:
             continue
         found[weight_name] = LayerInput(weight_name, bias_name, expected, out_axis, removable)
+    return found
+
+
+def conv_input_second_moments(model: Model, moments: dict[str, ChannelMoments]) -> dict[str, np.ndarray]:
+    """For every ungrouped, undilated Conv whose input has a channel covariance in `moments`:
+    the second moments E[x x^T] between its input channels (by weight name). Weights used by
+    anything else are left out."""
+    if model.format != "onnx" or not moments:
+        return {}
+    graph = topology_proto(model.topology).graph
+    tensors = model.tensor_map()
+    uses = name_uses(graph)
+    found: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        if node.domain not in _STANDARD_DOMAINS or node.op_type != "Conv" or len(node.input) < 2:
+            continue
+        attrs = attributes(node)
+        weight, stats = tensors.get(node.input[1]), moments.get(node.input[0])
+        if weight is None or stats is None or stats.covariance is None or uses.get(node.input[1]) != 1:
+            continue
+        if int(attrs.get("group", 1)) != 1 or any(d != 1 for d in attrs.get("dilations", [])):
+            continue
+        if weight.array.ndim < 3 or weight.array.shape[1] != stats.mean.size:
+            continue
+        found[node.input[1]] = stats.covariance + np.outer(stats.mean, stats.mean)
     return found
 
 

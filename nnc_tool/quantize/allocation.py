@@ -51,11 +51,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..fileio import release_pages
-from ..graph.activation_stats import ChannelMoments, layer_inputs
+from ..graph.activation_stats import ChannelMoments, conv_input_second_moments, layer_inputs
 from ..graph.onnx_util import attributes, name_uses
 from ..model import Model, Tensor, TensorRole
 from .bias_correction import correct_biases
-from .rdo import GptqFactor, block_layout, gptq_factor, gptq_gain, gptq_round
+from .rdo import (
+    MAX_KERNEL_TAPS, GptqFactor, KroneckerFactor, block_layout, gptq_factor, gptq_gain, gptq_round, kronecker_factor,
+    kronecker_gptq_round, kronecker_tap_gain,
+)
 from .uniform import (
     QP_RANGE, Quantized, QuantSettings, choose_steps, dequantize, effective_nonweight_qp, quantize, row_slices, uses_dependent,
 )
@@ -339,10 +342,12 @@ def plan_quantization(
                 cache["sensitivities"] = probes.result() if probes else measure_sensitivities(model, calibration, run_model)
             sensitivities = cache["sensitivities"]
     qps: dict[str, int] = {}
+    estimated = {} if feedback else _estimated_feedback(model, settings, moments)
     inputs = layer_inputs(model, moments) if settings.bias_correction and moments else {}
     # Error feedback already cancels the mean shift as the calibration data has it; the BatchNorm
     # estimate would only add its own error there (sample resnet, QP -42/-34/-26: -2.1/-1.3/-2.6 dB).
-    inputs = {name: layer for name, layer in inputs.items() if name not in hessians}
+    # Estimated feedback's second moments include the BatchNorm means as well.
+    inputs = {name: layer for name, layer in inputs.items() if name not in hessians and name not in estimated}
     if allocate:
         # Error feedback shapes a layer's error (GPTQ's predicted gain); otherwise bias correction
         # removes its mean-shift share. Either makes the tensor less sensitive per unit of noise.
@@ -354,6 +359,10 @@ def plan_quantization(
             if layer.removable > 0 and not uses_dependent(sizes.get(name, 0), TensorRole.WEIGHT, settings)
         }
         gains.update({name: lh.gain() for name, lh in hessians.items()})  # disjoint from `inputs`
+        gains.update({
+            name: factor.channel_gain * kronecker_tap_gain(kernel, settings.kernel_correlation)
+            for name, (factor, kernel) in estimated.items()
+        })
         qps = allocate_qps(
             model, settings, calibration if calibrated else None, run_model, sensitivities=sensitivities, gains=gains
         )
@@ -374,12 +383,77 @@ def plan_quantization(
         # The values already lie on the grid: code them as they are.
         per_tensor[t.name] = replace(own, rdo=0.0, dependent=False, kernel_correlation=0.0)
         compensated.append(t.name)
+    if estimated:
+        tensors, rounded = _round_estimated(tensors, estimated, per_tensor, settings)
+        for name in rounded:
+            per_tensor[name] = replace(per_tensor.get(name, settings), rdo=0.0, dependent=False, kernel_correlation=0.0)
+        compensated.extend(rounded)
     if compensated:
         model = replace(model, tensors=tensors)
     # No layer left to bias correction has error feedback: the coder quantizes its weights itself.
     chosen: dict[str, Quantized] = {}
     model, corrected = correct_biases(model, inputs, lambda t: _reconstruction(t, per_tensor.get(t.name, settings), chosen))
     return QuantPlan(model, per_tensor, qps, compensated, corrected, notes=notes, quantized=chosen)
+
+
+def _estimated_feedback(
+    model: Model, settings: QuantSettings, moments: dict[str, ChannelMoments] | None
+) -> dict[str, tuple[KroneckerFactor, tuple[int, ...]]]:
+    """Data-free error feedback across input channels: for every convolution whose input's
+    channel covariance follows from BatchNorm statistics (graph/activation_stats.py), the
+    Kronecker factor of its estimated input Hessian E[x x^T] (channels) x S (taps, the kernel
+    feedback prior), with the kernel shape. Off with kernel feedback (kernel_correlation 0) and
+    wherever the rounding is not plain uniform rounding of one step per tensor."""
+    if (
+        not moments or settings.kernel_correlation <= 0 or settings.bits is not None or settings.lossless
+        or settings.rdo or settings.dependent or settings.per_channel
+    ):
+        return {}
+    tensors = model.tensor_map()
+    out = {}
+    for name, second in conv_input_second_moments(model, moments).items():
+        tensor = tensors[name]
+        kernel = tuple(int(k) for k in tensor.array.shape[2:])
+        if tensor.role != TensorRole.WEIGHT or tensor.dtype != "float32" or int(np.prod(kernel)) > MAX_KERNEL_TAPS or tensor.array.size == 0:
+            continue
+        out[name] = (kronecker_factor(second), kernel)
+    return out
+
+
+def _round_estimated(
+    tensors: list[Tensor],
+    estimated: dict[str, tuple[KroneckerFactor, tuple[int, ...]]],
+    per_tensor: dict[str, QuantSettings],
+    settings: QuantSettings,
+) -> tuple[list[Tensor], list[str]]:
+    """Round the `estimated` convolutions with Kronecker GPTQ (all layers of one kernel shape
+    side by side); returns the tensors with those weights on their grid, and their names."""
+    by_kernel: dict[tuple[int, ...], list[tuple[int, np.ndarray, KroneckerFactor]]] = {}
+    steps_of: dict[str, float] = {}
+    for position, tensor in enumerate(tensors):
+        if tensor.name not in estimated or not np.isfinite(tensor.array).all():
+            continue
+        factor, kernel = estimated[tensor.name]
+        steps, _ = choose_steps(tensor.array.astype(np.float32), tensor.role, per_tensor.get(tensor.name, settings))
+        if steps.size != 1 or not steps[0] > 0:
+            continue
+        step = float(steps[0])
+        shape = tensor.array.shape
+        scaled = (tensor.array.reshape(shape[0], shape[1], -1) / np.float32(step)).astype(np.float32)
+        steps_of[tensor.name] = step
+        by_kernel.setdefault(kernel, []).append((position, scaled, factor))
+    out, rounded = list(tensors), []
+    for kernel, layers in by_kernel.items():
+        levels = kronecker_gptq_round([(scaled, factor) for _, scaled, factor in layers], kernel, settings.kernel_correlation)
+        for (position, _, _), level in zip(layers, levels):
+            tensor = tensors[position]
+            if np.abs(level).max(initial=0) >= 1 << 22:  # float32 could not hold level * step exactly
+                continue
+            step = np.float64(steps_of[tensor.name])
+            values = (level.astype(np.float64) * step).astype(np.float32).reshape(tensor.array.shape)
+            out[position] = Tensor(tensor.name, values, tensor.role)
+            rounded.append(tensor.name)
+    return out, rounded
 
 
 def _reconstruction(tensor: Tensor, settings: QuantSettings, chosen: dict[str, Quantized]) -> np.ndarray | None:
