@@ -27,7 +27,7 @@ def test_kronecker_round_equals_dense_gptq(rows, channels, k, rho, block, prune,
         weights[rng.random(weights.shape) < 0.3] = 0.0
     step = 0.3
     factor = rdo.kronecker_factor(moments, block, damping=1e-9)
-    levels = rdo.kronecker_gptq_round([(weights.reshape(rows, channels, -1) / np.float32(step), factor)], (k, k), rho)[0]
+    levels = rdo.kronecker_gptq_round([(weights.reshape(rows, channels, -1), step, factor)], (k, k), rho)[0]
     hessian = np.kron(moments, _tap_correlation(k, rho))
     dense = rdo.gptq_round(weights.reshape(rows, -1).astype(np.float64), rdo.diagonal_blocks(hessian, block * k * k), np.full(rows, step), damping=1e-9)
     np.testing.assert_array_equal(levels.reshape(rows, -1), dense)
@@ -40,7 +40,7 @@ def test_layers_side_by_side_equal_one_by_one():
     layers = []
     for rows, channels in ((8, 16), (12, 40), (5, 64)):
         mix = rng.normal(size=(channels, channels))
-        layers.append((rng.normal(size=(rows, channels, 9)).astype(np.float32) * 3, rdo.kronecker_factor(mix @ mix.T / channels + np.eye(channels), 16)))
+        layers.append((rng.normal(size=(rows, channels, 9)).astype(np.float32) * 3, 0.5, rdo.kronecker_factor(mix @ mix.T / channels + np.eye(channels), 16)))
     together = rdo.kronecker_gptq_round(layers, (3, 3))
     for layer, levels in zip(layers, together):
         np.testing.assert_array_equal(levels, rdo.kronecker_gptq_round([layer], (3, 3))[0])

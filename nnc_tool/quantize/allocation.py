@@ -428,8 +428,7 @@ def _round_estimated(
 ) -> tuple[list[Tensor], list[str]]:
     """Round the `estimated` convolutions with Kronecker GPTQ (all layers of one kernel shape
     side by side); returns the tensors with those weights on their grid, and their names."""
-    by_kernel: dict[tuple[int, ...], list[tuple[int, np.ndarray, KroneckerFactor]]] = {}
-    steps_of: dict[str, float] = {}
+    by_kernel: dict[tuple[int, ...], list[tuple[int, float, KroneckerFactor]]] = {}
     for position, tensor in enumerate(tensors):
         if tensor.name not in estimated or not np.isfinite(tensor.array).all():
             continue
@@ -437,21 +436,20 @@ def _round_estimated(
         steps, _ = choose_steps(tensor.array.astype(np.float32), tensor.role, per_tensor.get(tensor.name, settings))
         if steps.size != 1 or not steps[0] > 0:
             continue
-        step = float(steps[0])
-        shape = tensor.array.shape
-        scaled = (tensor.array.reshape(shape[0], shape[1], -1) / np.float32(step)).astype(np.float32)
-        steps_of[tensor.name] = step
-        by_kernel.setdefault(kernel, []).append((position, scaled, factor))
+        by_kernel.setdefault(kernel, []).append((position, float(steps[0]), factor))
     out, rounded = list(tensors), []
     for kernel, layers in by_kernel.items():
-        levels = kronecker_gptq_round([(scaled, factor) for _, scaled, factor in layers], kernel, settings.kernel_correlation)
-        for (position, _, _), level in zip(layers, levels):
+        weights = [tensors[position].array for position, _, _ in layers]
+        levels = kronecker_gptq_round(
+            [(w.reshape(w.shape[0], w.shape[1], -1), step, factor) for w, (_, step, factor) in zip(weights, layers)],
+            kernel, settings.kernel_correlation,
+        )
+        for (position, step, _), values in zip(layers, levels):
             tensor = tensors[position]
-            if np.abs(level).max(initial=0) >= 1 << 22:  # float32 could not hold level * step exactly
+            if np.abs(values).max(initial=0) >= 1 << 22:  # float32 could not hold level * step exactly
                 continue
-            step = np.float64(steps_of[tensor.name])
-            values = (level.astype(np.float64) * step).astype(np.float32).reshape(tensor.array.shape)
-            out[position] = Tensor(tensor.name, values, tensor.role)
+            values *= np.float32(step)  # as the decoder dequantizes: float32 level times float32 step
+            out[position] = Tensor(tensor.name, values.reshape(tensor.array.shape), tensor.role)
             rounded.append(tensor.name)
     return out, rounded
 

@@ -487,11 +487,12 @@ def kronecker_tap_gain(kernel: tuple[int, ...], rho: float = DEFAULT_KERNEL_CORR
 
 
 def kronecker_gptq_round(
-    layers: list[tuple[np.ndarray, KroneckerFactor]], kernel: tuple[int, ...], rho: float = DEFAULT_KERNEL_CORRELATION
+    layers: list[tuple[np.ndarray, float, KroneckerFactor]], kernel: tuple[int, ...], rho: float = DEFAULT_KERNEL_CORRELATION
 ) -> list[np.ndarray]:
-    """float32 levels of convolutions that share a kernel shape, each given as (weights / step
-    [rows, channels, taps], its KroneckerFactor), rounded as GPTQ does for the input Hessian
-    C (x) S: the same levels as `gptq_round` on that Hessian's blocks of whole channels.
+    """float32 levels [rows, channels, taps] of convolutions that share a kernel shape, each
+    given as (float32 weights [rows, channels, taps], its step, its KroneckerFactor), rounded as
+    GPTQ does for the input Hessian C (x) S: the same levels as `gptq_round` on that Hessian's
+    blocks of whole channels.
 
     With U (x) U_S the Hessian's factor, the taps of one input channel's kernel are rounded as
     kernel feedback rounds them, and the channel's error reaches a later channel d of its block
@@ -506,74 +507,83 @@ def kronecker_gptq_round(
         if rho > 0 and taps > 1
         else np.eye(taps, dtype=np.float32)
     )
-    width = max(factor.index.shape[1] for _, factor in layers)
-    # Lanes: one per (layer, block, output row), each holding its block's kernels as [width, taps].
-    total = sum(factor.index.shape[0] * scaled.shape[0] for scaled, factor in layers)
-    w = np.zeros((total, width, taps), dtype=np.float32)
-    coefficients = np.zeros((sum(factor.index.shape[0] for _, factor in layers), width, width), dtype=np.float32)
-    live = np.zeros((coefficients.shape[0], width), dtype=np.float32)  # 0: dead or padding channel
-    groups, row_counts = [], []  # per layer: (first lane, first block, blocks, rows)
-    lane = block = 0
-    for scaled, factor in layers:
-        rows, channels = scaled.shape[0], scaled.shape[1]
-        if scaled.shape[2] != taps or channels != factor.channels:
-            raise ValueError(f"weights of shape {scaled.shape} do not match the factor ({factor.channels} channels, {taps} taps)")
+    width = max(factor.index.shape[1] for _, _, factor in layers)
+    # Lanes: one per (layer, block, output row). The work array is [quantization position, tap,
+    # lane], so every step works on contiguous rows that span all lanes (measured on ResNet-18's
+    # 3x3 layers: 0.24 s, against 0.61 s with lanes first).
+    total = sum(factor.index.shape[0] * weights.shape[0] for weights, _, factor in layers)
+    w = np.zeros((width, taps, total), dtype=np.float32)
+    live = np.zeros((width, total), dtype=np.float32)  # 0: dead channel (padding positions stay 0 anyway)
+    groups = []  # per layer: (first lane, blocks, rows, factor)
+    lane = 0
+    pruned = False
+    for weights, step, factor in layers:
+        rows, channels = weights.shape[0], weights.shape[1]
+        if weights.shape[2] != taps or channels != factor.channels:
+            raise ValueError(f"weights of shape {weights.shape} do not match the factor ({factor.channels} channels, {taps} taps)")
         count, own = factor.index.shape
-        padded = np.concatenate([scaled, np.zeros((rows, 1, taps), dtype=np.float32)], axis=1)
-        gathered = padded[:, np.minimum(factor.index, channels).reshape(-1)]  # padding reads the zero channel
-        w[lane : lane + count * rows, :own] = gathered.reshape(rows, count, own, taps).transpose(1, 0, 2, 3).reshape(-1, own, taps)
-        coefficients[block : block + count, :own, :own] = factor.coefficients
-        live[block : block + count, :own] = ~factor.dead
-        groups.append((lane, block, count, rows))
-        row_counts.extend([rows] * count)
+        for block in range(count):
+            lanes = slice(lane + block * rows, lane + (block + 1) * rows)
+            positions = np.flatnonzero(factor.index[block] < channels)  # the rest: padding, left 0
+            gathered = weights[:, factor.index[block][positions], :].transpose(1, 2, 0)
+            if positions.size == own:
+                np.divide(gathered, np.float32(step), out=w[:own, :, lanes])
+            else:
+                w[positions, :, lanes] = gathered / np.float32(step)
+            live[positions, lanes] = (~factor.dead[block][positions])[:, None]
+        pruned = pruned or not weights.all()
+        groups.append((lane, count, rows, factor))
         lane += count * rows
-        block += count
-    block_of_lane = np.repeat(np.arange(block), row_counts)
-    live_of_lane = live[block_of_lane]
-    keep = (w != 0).astype(np.float32)  # pruned weights (and padding) keep level 0, judged before any feedback
-    levels = np.empty_like(w)
-    diagonal = np.diagonal(tap_upper).copy()
-    spread_matrix = np.ascontiguousarray(tap_upper.T)
+    keep = w != 0 if pruned else None  # pruned weights keep level 0, judged before any feedback
+    inverse_diagonal = (1.0 / np.diagonal(tap_upper)).astype(np.float32)
+    spread = np.ascontiguousarray(tap_upper.T)
+    errors = np.empty((taps, total), dtype=np.float32)
+    level = np.empty(total, dtype=np.float32)
+    scratch = np.empty((taps, total), dtype=np.float32)
     for batch_start in range(0, width, _KRONECKER_LAZY):
         batch_stop = min(batch_start + _KRONECKER_LAZY, width)
         size = batch_stop - batch_start
-        feedback = np.empty((total, size, taps), dtype=np.float32)
-        within = coefficients[:, batch_start:batch_stop, batch_start:batch_stop][block_of_lane]  # [lanes, size, size]
+        feedback = np.empty((size, taps, total), dtype=np.float32)
+        within = np.zeros((size, size, total), dtype=np.float32)  # [earlier, later, lane]
+        for first, count, rows, factor in groups:
+            stop = min(batch_stop, factor.index.shape[1])
+            if stop > batch_start:
+                coupling = factor.coefficients[:, batch_start:stop, batch_start:stop].transpose(1, 2, 0)
+                within[: stop - batch_start, : stop - batch_start, first : first + count * rows] = np.repeat(coupling, rows, axis=2)
         for k in range(size):
             j = batch_start + k
-            kernels = w[:, j, :].copy()
+            kernels = w[j]  # rounded in place: it ends up holding the levels
             for i in range(k):  # the feedback of this batch's earlier channels
-                kernels -= within[:, i, k, None] * feedback[:, i, :]
-            # This channel's kernels, one contiguous row per tap (as kernel_feedback_round).
-            columns = np.ascontiguousarray(kernels.T)
-            kept = keep[:, j, :].T
-            errors = np.empty_like(columns)
-            alive = live_of_lane[:, j]
+                np.multiply(within[i, k], feedback[i], out=scratch)
+                kernels -= scratch
+            gate = live[j] * inverse_diagonal[:, None]
             for a in range(taps):
-                row = columns[a]
-                level = np.rint(row)
-                level *= kept[a]
+                row = kernels[a]
+                np.rint(row, out=level)
+                if keep is not None:
+                    level *= keep[j, a]
                 np.subtract(row, level, out=errors[a])
-                errors[a] *= alive / diagonal[a]
+                errors[a] *= gate[a]
                 row[...] = level
                 if a + 1 < taps:
-                    columns[a + 1 :] -= tap_upper[a, a + 1 :, None] * errors[a]
-            levels[:, j, :] = columns.T
-            feedback[:, k, :] = (spread_matrix @ errors).T  # sum over taps a of e_a U_S[a, :]
+                    kernels[a + 1 :] -= tap_upper[a, a + 1 :, None] * errors[a]
+            np.matmul(spread, errors, out=feedback[k])  # sum over taps a of e_a U_S[a, :]
         if batch_stop < width:
-            for first_lane, first_block, count, rows in groups:
-                lanes = slice(first_lane, first_lane + count * rows)
-                part = feedback[lanes].reshape(count, rows, size, taps).transpose(0, 1, 3, 2).reshape(count, rows * taps, size)
-                update = np.matmul(part, coefficients[first_block : first_block + count, batch_start:batch_stop, batch_stop:])
-                w[lanes, batch_stop:, :] -= update.reshape(count, rows, taps, -1).transpose(0, 1, 3, 2).reshape(count * rows, -1, taps)
+            for first, count, rows, factor in groups:
+                own = factor.index.shape[1]
+                if batch_stop >= own:
+                    continue
+                for block in range(count):
+                    lanes = slice(first + block * rows, first + (block + 1) * rows)
+                    part = feedback[:, :, lanes].reshape(size, taps * rows)
+                    update = factor.coefficients[block, batch_start:batch_stop, batch_stop:own].T @ part
+                    w[batch_stop:own, :, lanes] -= update.reshape(own - batch_stop, taps, rows)
     out = []
-    lane = 0
-    for scaled, factor in layers:
-        rows, channels = scaled.shape[0], scaled.shape[1]
-        count, own = factor.index.shape
-        result = np.zeros((rows, channels + 1, taps), dtype=np.float32)
-        part = levels[lane : lane + count * rows, :own].reshape(count, rows, own, taps).transpose(1, 0, 2, 3)
-        result[:, np.minimum(factor.index, channels).reshape(-1)] = part.reshape(rows, count * own, taps)
-        out.append(result[:, :channels])
-        lane += count * rows
+    for (weights, _, factor), (first, count, rows, _) in zip(layers, groups):
+        channels = weights.shape[1]
+        levels = np.zeros((rows, channels, taps), dtype=np.float32)
+        for block in range(count):
+            positions = np.flatnonzero(factor.index[block] < channels)
+            levels[:, factor.index[block][positions], :] = w[positions, :, first + block * rows : first + (block + 1) * rows].transpose(2, 0, 1)
+        out.append(levels)
     return out
