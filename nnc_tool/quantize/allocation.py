@@ -60,7 +60,8 @@ from .rdo import (
     kronecker_gptq_round, kronecker_tap_gain,
 )
 from .uniform import (
-    QP_RANGE, Quantized, QuantSettings, choose_steps, dequantize, effective_nonweight_qp, quantize, row_slices, uses_dependent,
+    QP_RANGE, Quantized, QuantSettings, choose_steps, dequantize, effective_nonweight_qp, quantize, row_slices, step_for_qp,
+    uses_dependent,
 )
 
 RunModel = Callable[[Model, np.ndarray], np.ndarray]
@@ -383,15 +384,15 @@ def plan_quantization(
         # The values already lie on the grid: code them as they are.
         per_tensor[t.name] = replace(own, rdo=0.0, dependent=False, kernel_correlation=0.0)
         compensated.append(t.name)
+    chosen: dict[str, Quantized] = {}  # levels already chosen here, for the coder
     if estimated:
-        tensors, rounded = _round_estimated(tensors, estimated, per_tensor, settings)
+        tensors, rounded = _round_estimated(tensors, estimated, per_tensor, settings, chosen)
         for name in rounded:
             per_tensor[name] = replace(per_tensor.get(name, settings), rdo=0.0, dependent=False, kernel_correlation=0.0)
         compensated.extend(rounded)
     if compensated:
         model = replace(model, tensors=tensors)
     # No layer left to bias correction has error feedback: the coder quantizes its weights itself.
-    chosen: dict[str, Quantized] = {}
     model, corrected = correct_biases(model, inputs, lambda t: _reconstruction(t, per_tensor.get(t.name, settings), chosen))
     return QuantPlan(model, per_tensor, qps, compensated, corrected, notes=notes, quantized=chosen)
 
@@ -425,31 +426,32 @@ def _round_estimated(
     estimated: dict[str, tuple[KroneckerFactor, tuple[int, ...]]],
     per_tensor: dict[str, QuantSettings],
     settings: QuantSettings,
+    chosen: dict[str, Quantized],
 ) -> tuple[list[Tensor], list[str]]:
     """Round the `estimated` convolutions with Kronecker GPTQ (all layers of one kernel shape
-    side by side); returns the tensors with those weights on their grid, and their names."""
-    by_kernel: dict[tuple[int, ...], list[tuple[int, float, KroneckerFactor]]] = {}
+    side by side); returns the tensors with those weights on their grid, and their names. Their
+    levels go to `chosen` for the coder."""
+    by_kernel: dict[tuple[int, ...], list[tuple[int, int, KroneckerFactor]]] = {}
     for position, tensor in enumerate(tensors):
-        if tensor.name not in estimated or not np.isfinite(tensor.array).all():
-            continue
-        factor, kernel = estimated[tensor.name]
-        steps, _ = choose_steps(tensor.array.astype(np.float32), tensor.role, per_tensor.get(tensor.name, settings))
-        if steps.size != 1 or not steps[0] > 0:
-            continue
-        by_kernel.setdefault(kernel, []).append((position, float(steps[0]), factor))
+        if tensor.name in estimated and np.isfinite(tensor.array).all():
+            factor, kernel = estimated[tensor.name]
+            by_kernel.setdefault(kernel, []).append((position, per_tensor.get(tensor.name, settings).qp, factor))
     out, rounded = list(tensors), []
     for kernel, layers in by_kernel.items():
-        weights = [tensors[position].array for position, _, _ in layers]
+        steps = [step_for_qp(np.array([qp])) for _, qp, _ in layers]  # one float32 step each: no per-channel steps here
+        arrays = [tensors[position].array for position, _, _ in layers]
         levels = kronecker_gptq_round(
-            [(w.reshape(w.shape[0], w.shape[1], -1), step, factor) for w, (_, step, factor) in zip(weights, layers)],
+            [(w.reshape(w.shape[0], w.shape[1], -1), float(step[0]), factor) for w, step, (_, _, factor) in zip(arrays, steps, layers)],
             kernel, settings.kernel_correlation,
         )
-        for (position, step, _), values in zip(layers, levels):
+        for (position, qp, _), step, level in zip(layers, steps, levels):
             tensor = tensors[position]
-            if np.abs(values).max(initial=0) >= 1 << 22:  # float32 could not hold level * step exactly
+            if np.abs(level).max(initial=0) >= 1 << 22:  # float32 could not hold level * step exactly
                 continue
-            values *= np.float32(step)  # as the decoder dequantizes: float32 level times float32 step
-            out[position] = Tensor(tensor.name, values.reshape(tensor.array.shape), tensor.role)
+            level = level.reshape(tensor.array.shape)
+            chosen[tensor.name] = Quantized(level, step, np.array([qp], dtype=np.int16))
+            values = np.multiply(level, step[0], dtype=np.float32)  # as the decoder rebuilds them
+            out[position] = Tensor(tensor.name, values, tensor.role)
             rounded.append(tensor.name)
     return out, rounded
 

@@ -297,20 +297,18 @@ class _Folder:
             del self.graph.node[:]
             self.graph.node.extend(nodes)
 
-            # New biases go right after their layer's weight (so tensor lists read naturally).
-            init_names = {i.name for i in self.graph.initializer}
-            after: dict[str, list[onnx.TensorProto]] = {}
-            for weight_name, tensor in self.new_inits.values():
-                after.setdefault(weight_name if weight_name in init_names else "", []).append(tensor)
-            inits = []
-            for init in self.graph.initializer:
-                if init.name not in self.dropped_inits:
-                    inits.append(init)
-                inits.extend(after.pop(init.name, []))
-            inits.extend(t for ts in after.values() for t in ts)
-            inits = [onnx.TensorProto.FromString(t.SerializeToString()) for t in inits]
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(inits)
+            # New biases go right after their layer's weight (so tensor lists read naturally). The
+            # initializers are reordered in place: rebuilding the list would copy every weight.
+            initializers = self.graph.initializer
+            position = {init.name: 2 * index for index, init in enumerate(initializers)}
+            rank: dict[str, tuple[int, int]] = {init.name: (position[init.name], 0) for init in initializers}
+            for sequence, (weight_name, tensor) in enumerate(self.new_inits.values()):
+                rank[tensor.name] = (position.get(weight_name, 2 * len(position)) + 1, sequence)
+                initializers.append(tensor)
+            for index in reversed(range(len(initializers))):
+                if initializers[index].name in self.dropped_inits:
+                    del initializers[index]
+            initializers.sort(key=lambda init: rank[init.name])
         return count
 
     def _fold(self, bn: onnx.NodeProto) -> bool:

@@ -489,7 +489,7 @@ def kronecker_tap_gain(kernel: tuple[int, ...], rho: float = DEFAULT_KERNEL_CORR
 def kronecker_gptq_round(
     layers: list[tuple[np.ndarray, float, KroneckerFactor]], kernel: tuple[int, ...], rho: float = DEFAULT_KERNEL_CORRELATION
 ) -> list[np.ndarray]:
-    """float32 levels [rows, channels, taps] of convolutions that share a kernel shape, each
+    """int32 levels [rows, channels, taps] of convolutions that share a kernel shape, each
     given as (float32 weights [rows, channels, taps], its step, its KroneckerFactor), rounded as
     GPTQ does for the input Hessian C (x) S: the same levels as `gptq_round` on that Hessian's
     blocks of whole channels.
@@ -581,7 +581,7 @@ def kronecker_gptq_round(
     out = []
     for (weights, _, factor), (first, count, rows, _) in zip(layers, groups):
         channels = weights.shape[1]
-        levels = np.zeros((rows, channels, taps), dtype=np.float32)
+        levels = np.zeros((rows, channels, taps), dtype=np.int32)
         for block in range(count):
             positions = np.flatnonzero(factor.index[block] < channels)
             levels[:, factor.index[block][positions], :] = w[positions, :, first + block * rows : first + (block + 1) * rows].transpose(2, 0, 1)
