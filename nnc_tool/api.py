@@ -139,7 +139,8 @@ def write_bitstream(
     pages are released right after, so memory stays near the largest tensor, not the model.
     `progress(done, total)` is called after each tensor is coded; `plan_cache` (see
     `plan_quantization`) lets repeated calls on the same model and data skip calibration work.
-    `moments` (`channel_moments` of the model before BatchNorm folding) enable bias correction.
+    `moments` (`channel_moments` of the model before BatchNorm folding) enable bias correction
+    and, without calibration data, Kronecker error feedback.
     """
     options = options or EncodeOptions()
     plan = plan_quantization(model, options, calibration, cache=plan_cache, moments=moments)
@@ -251,8 +252,9 @@ def encode(
     if pruning is not None and (pruning.sparsity > 0 or pruning.method == "nm"):
         model, prune_report = prune(model, pruning)
     options = options or EncodeOptions()
-    # BatchNorm statistics tell each layer's mean input; folding removes them, so read them first.
-    moments = channel_moments(model) if options.bias_correction and not options.lossless else {}
+    # BatchNorm statistics tell each layer's mean input and input covariance (bias correction,
+    # data-free error feedback); folding removes them, so read them first.
+    moments = channel_moments(model) if (options.bias_correction or options.error_feedback) and not options.lossless else {}
     folded = 0
     if fold_batchnorm and not options.lossless:
         model, folded = fold_batchnorms(model)

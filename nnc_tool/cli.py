@@ -98,7 +98,8 @@ def quantization_options(command):
         click.option("--rdo", type=click.FloatRange(0.0, 16.0), default=0.0, show_default=True,
                      help="Rate-aware rounding strength (0 = round to nearest)."),
         click.option("--no-error-feedback", is_flag=True,
-                     help="With --calib: round each weight to nearest instead of compensating rounding errors (GPTQ)."),
+                     help="Round each weight to nearest instead of compensating rounding errors across input"
+                          " channels (GPTQ: on --calib data, else on covariances estimated from BatchNorm statistics)."),
         click.option("--no-bias-correction", is_flag=True,
                      help="Keep biases as they are instead of cancelling the mean output shift of rounded weights"
                           " (estimated from BatchNorm statistics)."),

@@ -343,7 +343,7 @@ def plan_quantization(
                 cache["sensitivities"] = probes.result() if probes else measure_sensitivities(model, calibration, run_model)
             sensitivities = cache["sensitivities"]
     qps: dict[str, int] = {}
-    estimated = {} if feedback else _estimated_feedback(model, settings, moments)
+    estimated = {} if feedback or not error_feedback else _estimated_feedback(model, settings, moments)
     inputs = layer_inputs(model, moments) if settings.bias_correction and moments else {}
     # Error feedback already cancels the mean shift as the calibration data has it; the BatchNorm
     # estimate would only add its own error there (sample resnet, QP -42/-34/-26: -2.1/-1.3/-2.6 dB).
@@ -402,12 +402,17 @@ def _estimated_feedback(
 ) -> dict[str, tuple[KroneckerFactor, tuple[int, ...]]]:
     """Data-free error feedback across input channels: for every convolution whose input's
     channel covariance follows from BatchNorm statistics (graph/activation_stats.py), the
-    Kronecker factor of its estimated input Hessian E[x x^T] (channels) x S (taps, the kernel
-    feedback prior), with the kernel shape. Off with kernel feedback (kernel_correlation 0) and
-    wherever the rounding is not plain uniform rounding of one step per tensor."""
+    Kronecker factor of its estimated input Hessian E[x x^T] (channels) x S (taps: kernel
+    feedback's prior, the identity at kernel_correlation 0), with the kernel shape. Only where
+    the rounding is otherwise plain uniform rounding of one step per tensor.
+
+    Data-free ResNet-18 (digits), BD-rate vs NNCodec at equal output SNR: -19.2 % with kernel
+    feedback alone, -21.1 % with this; the sample resnet -21.2 -> -23.3 %, mobilenet -23.3 ->
+    -24.7 %. The estimated covariances are crude (they correlate with measured ones at 0.1-0.3),
+    yet better than none: estimating them from a quarter of each filter's weights gave -19.9 %."""
     if (
-        not moments or settings.kernel_correlation <= 0 or settings.bits is not None or settings.lossless
-        or settings.rdo or settings.dependent or settings.per_channel
+        not moments or settings.bits is not None or settings.lossless or settings.rdo or settings.dependent
+        or settings.per_channel
     ):
         return {}
     tensors = model.tensor_map()

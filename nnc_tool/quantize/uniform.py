@@ -49,7 +49,9 @@ class QuantSettings:
     allocate: give every tensor its own QP around `qp` (quantize/allocation.py): from measured
         output sensitivities when calibration data is given, else from a data-free proxy.
     error_feedback: with calibration data and an ONNX model, choose the levels of Conv / Gemm /
-        MatMul weights with GPTQ error feedback (quantize/rdo.py).
+        MatMul weights with GPTQ error feedback (quantize/rdo.py). Without calibration data, the
+        convolutions whose input covariance follows from BatchNorm statistics get GPTQ for that
+        estimate (channels) times kernel feedback's prior (taps): Kronecker error feedback.
     bias_correction: subtract from each Conv / Gemm bias the mean output shift its weight's
         rounding causes, where BatchNorm statistics tell the layer's mean input
         (quantize/bias_correction.py); needs the BatchNorm-carrying model's moments.
