@@ -406,9 +406,9 @@ def _estimated_feedback(
     feedback's prior, the identity at kernel_correlation 0), with the kernel shape. Only where
     the rounding is otherwise plain uniform rounding of one step per tensor.
 
-    Data-free ResNet-18 (digits), BD-rate vs NNCodec at equal output SNR: -19.2 % with kernel
-    feedback alone, -21.1 % with this; the sample resnet -21.2 -> -23.3 %, mobilenet -23.3 ->
-    -24.7 %. The estimated covariances are crude (they correlate with measured ones at 0.1-0.3),
+    Data-free BD-rate vs NNCodec at equal output SNR (benchmarks/rd_vs_nncodec.py --data-free),
+    kernel feedback alone -> with this: digits ResNet-18 -19.2 -> -21.2 %, sample resnet -24.0 ->
+    -25.3 %, mobilenet -25.4 -> -27.2 %. The estimated covariances are crude (they correlate with measured ones at 0.1-0.3),
     yet better than none: estimating them from a quarter of each filter's weights gave -19.9 %."""
     if (
         not moments or settings.bits is not None or settings.lossless or settings.rdo or settings.dependent

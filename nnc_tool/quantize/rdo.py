@@ -47,6 +47,17 @@ lenet within 0.4 points of each other. A prior stronger than the real correlatio
 layers see small, less smooth maps), a mild one is a fair bet: DEFAULT_KERNEL_CORRELATION = 0.3.
 Its price where the inputs are not correlated at all: about 12 % more output error (0.5 dB) from
 those layers; `--kernel-correlation 0` turns it off.
+
+Kronecker feedback (`kronecker_factor`, `kronecker_gptq_round`): where BatchNorm statistics give
+an estimate C of the input channels' second moments (graph/activation_stats.py), the data-free
+Hessian becomes C (x) S instead of I (x) S. Its inverse factors as U_C (x) U_S, so GPTQ on it
+needs no [channels * taps]^2 matrix: each input channel's kernel is rounded tap by tap exactly as
+kernel feedback does, and the kernel's error reaches every later channel of its block through one
+vector (the taps' errors times U_S) scaled by U_C's row: the same levels as dense GPTQ on the
+Kronecker blocks, at a cost per weight of the block's width instead of width x taps. Blocks hold
+KRONECKER_BLOCK_CHANNELS channels contiguous in channel order; all layers of one kernel shape are
+rounded side by side, so the Python loop runs width x taps steps per model. Data-free ResNet-18:
+BD-rate vs NNCodec -19.2 % (kernel feedback) -> -21.2 %, in 0.2 s of its encode.
 """
 from __future__ import annotations
 
