@@ -66,6 +66,7 @@ class EncodeReport:
     pruning: PruneReport | None = None
     folded_batchnorms: int = 0
     corrected_biases: int = 0  # layers whose bias absorbed the mean shift of their rounded weights
+    feedback_layers: int = 0  # layers rounded with GPTQ error feedback (measured or estimated inputs)
     qp: int | None = None  # the weight QP used (chosen by rate control when a target was given)
     rate_control: RateControlReport | None = None
 
@@ -119,6 +120,7 @@ class StreamSummary:
     topology_bytes: int  # payload of the (compressed) topology unit
     tensors: list[TensorReport]
     corrected_biases: list[str] = field(default_factory=list)
+    feedback_layers: list[str] = field(default_factory=list)
 
 
 def write_bitstream(
@@ -185,7 +187,7 @@ def write_bitstream(
         del payload, unit
         if progress is not None:
             progress(index + 1, len(model.tensors))
-    return StreamSummary(written, len(topology), reports, plan.corrected)
+    return StreamSummary(written, len(topology), reports, plan.corrected, plan.compensated)
 
 
 def compress_model(
@@ -282,6 +284,7 @@ def encode(
         pruning=prune_report,
         folded_batchnorms=folded,
         corrected_biases=len(summary.corrected_biases),
+        feedback_layers=len(summary.feedback_layers),
         qp=options.qp,
         rate_control=rate_report,
     )

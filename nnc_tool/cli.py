@@ -357,6 +357,8 @@ def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: boo
         _echo_pruning(report.pruning, verbose, echo)
     if report.folded_batchnorms:
         echo(f"folded {report.folded_batchnorms} BatchNormalization node(s) into the layers before them")
+    if report.feedback_layers:
+        echo(f"error feedback: {report.feedback_layers} layer(s) rounded with GPTQ for their input statistics")
     if report.corrected_biases:
         echo(f"bias correction: {report.corrected_biases} layer(s) absorb the mean shift of their rounded weights")
     rate = report.rate_control

@@ -238,7 +238,8 @@ def test_encode_report_counts_corrected_layers(samples_dir) -> None:
     # Every conv after the stem (whose input is the image) and the classifier: 8 + 1.
     assert api.encode(path, None, QuantSettings(qp=-30, error_feedback=False)).corrected_biases == 9
     # Kronecker error feedback rounds those 8 convs itself (its Hessian holds their mean input).
-    assert api.encode(path, None, QuantSettings(qp=-30)).corrected_biases == 1
+    report = api.encode(path, None, QuantSettings(qp=-30))
+    assert (report.corrected_biases, report.feedback_layers) == (1, 8)
     assert api.encode(path, None, QuantSettings(qp=-30, bias_correction=False)).corrected_biases == 0
     with np.load(samples_dir / "digits_calib.npz") as data:
         calibration = data["x"][:64]
