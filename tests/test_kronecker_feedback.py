@@ -133,3 +133,25 @@ def test_cli_no_error_feedback_switches_channel_feedback_off(samples_dir, tmp_pa
         levels[bool(flag)] = api.decompress_model(out.read_bytes()).tensor_map()
     changed = [name for name, t in levels[False].items() if not np.array_equal(t.array, levels[True][name].array)]
     assert "layer1.conv1.weight" in changed and "conv1.weight" not in changed  # the stem's input is the image
+
+
+def test_an_indefinite_estimate_falls_back_to_kernel_feedback(samples_dir, monkeypatch):
+    from nnc_tool.quantize import allocation
+
+    original = read_model(samples_dir / "resnet.onnx")
+    moments = channel_moments(original)
+    folded, _ = fold_batchnorm(original)
+    estimates = conv_input_second_moments(folded, moments)
+    broken = sorted(estimates)[0]
+
+    def indefinite(model, moments):
+        found = dict(estimates)
+        n = len(found[broken])
+        found[broken] = 4.0 * np.eye(n) - 3.0 * np.ones((n, n))  # unit diagonal, eigenvalue 4 - 3n
+        return found
+
+    monkeypatch.setattr(allocation, "conv_input_second_moments", indefinite)
+    plan = plan_quantization(folded, QuantSettings(qp=-26), moments=moments)
+    assert broken not in plan.compensated and len(plan.compensated) == len(estimates) - 1
+    data, _ = api.compress_model(folded, QuantSettings(qp=-26), moments=moments)
+    assert api.decompress_model(data).tensor_map()[broken].array.shape == folded.tensor_map()[broken].array.shape

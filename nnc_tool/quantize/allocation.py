@@ -422,7 +422,10 @@ def _estimated_feedback(
         kernel = tuple(int(k) for k in tensor.array.shape[2:])
         if tensor.role != TensorRole.WEIGHT or tensor.dtype != "float32" or int(np.prod(kernel)) > MAX_KERNEL_TAPS or tensor.array.size == 0:
             continue
-        out[name] = (kronecker_factor(second), kernel)
+        try:
+            out[name] = (kronecker_factor(second), kernel)
+        except np.linalg.LinAlgError:  # not positive definite even when damped: kernel feedback alone
+            continue
     return out
 
 
