@@ -14,7 +14,7 @@ For every model and QP:
     sensitivities measured on the calibration inputs, GPTQ error feedback), coding with
     nnc_tool.compress_model; then decompress_model and write_model to ONNX. Non-weight tensors
     use our default QP (16 below the weight QP). `--data-free` drops the calibration data (the
-    data-free allocation proxy, kernel feedback instead of measured error feedback). Our
+    data-free allocation proxy, error feedback on estimated instead of measured statistics). Our
     bitstream is self-contained: it also holds the graph (topology) and any EXACT tensor.
   - NNCodec: the same float32 tensors our reader classes as WEIGHT or NONWEIGHT (EXACT tensors are
     part of neither coder's weight payload) go to nncodec.nn.encode with its default settings
@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nonweight-qp", type=int, default=-75, help="NNCodec's QP of 1-D tensors (default -75, its default)")
     parser.add_argument("--ours-nonweight-qp", type=int, default=None, help="our QP of 1-D tensors (default: ours, 16 below the weight QP)")
     parser.add_argument("--calib", type=Path, default=CALIB, help=f"calibration inputs for our encoder (default {CALIB.relative_to(ROOT)})")
-    parser.add_argument("--data-free", action="store_true", help="encode without calibration data (data-free allocation, kernel feedback instead of GPTQ)")
+    parser.add_argument("--data-free", action="store_true", help="encode without calibration data (data-free allocation; GPTQ on BatchNorm-estimated channel covariances and kernel feedback instead of measured Hessians)")
     parser.add_argument("--dq", action="store_true", help="our encoder with dependent (trellis) quantization (`nnc encode --dq`)")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--plot", type=Path, default=CACHE / "rd_vs_nncodec.png", help="PNG of rate vs output SNR (default benchmarks/.cache/rd_vs_nncodec.png)")
