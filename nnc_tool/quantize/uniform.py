@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model import TensorRole
-from .rdo import DEFAULT_KERNEL_CORRELATION, DEFAULT_LAMBDA, MAX_KERNEL_TAPS, kernel_feedback_reach, kernel_feedback_round, rdo_round
+from .rdo import (
+    DEFAULT_KERNEL_CORRELATION, DEFAULT_LAMBDA, EXACT_LEVELS, MAX_KERNEL_TAPS, kernel_feedback_reach, kernel_feedback_round, rdo_round,
+)
 from .trellis import chain_length, grid_values, trellis_levels
 
 # Rate-aware rounding only where the tensor's own histogram is a usable rate model: large WEIGHT
@@ -210,7 +212,7 @@ def quantize(values: np.ndarray, role: TensorRole, settings: QuantSettings) -> Q
         scaled = rows / (steps[:, None] if steps.size > 1 else steps[0])
         return Quantized(levels=rdo_round(scaled, float(settings.rdo)).reshape(values.shape), steps=steps, qps=qps)
     # float32 feedback keeps levels exact below 2^22; the feedback may move a value `reach` steps.
-    if uses_kernel_feedback(values.shape, role, settings) and largest + kernel_feedback_reach(values.shape[2:], settings.kernel_correlation) < 1 << 22:
+    if uses_kernel_feedback(values.shape, role, settings) and largest + kernel_feedback_reach(values.shape[2:], settings.kernel_correlation) < EXACT_LEVELS:
         kernels = rows.reshape(-1, math.prod(values.shape[2:]))
         per_kernel = values.shape[1]
         levels = np.empty(kernels.shape, dtype=np.int32)
