@@ -300,10 +300,10 @@ class _Folder:
             # New biases go right after their layer's weight (so tensor lists read naturally). The
             # initializers are reordered in place: rebuilding the list would copy every weight.
             initializers = self.graph.initializer
-            position = {init.name: 2 * index for index, init in enumerate(initializers)}
-            rank: dict[str, tuple[int, int]] = {init.name: (position[init.name], 0) for init in initializers}
+            rank = {init.name: (2 * index, 0) for index, init in enumerate(initializers)}
+            last = (2 * len(rank), 0)  # after everything: biases of weights that are not initializers
             for sequence, (weight_name, tensor) in enumerate(self.new_inits.values()):
-                rank[tensor.name] = (position.get(weight_name, 2 * len(position)) + 1, sequence)
+                rank[tensor.name] = (rank.get(weight_name, last)[0] + 1, sequence)
                 initializers.append(tensor)
             for index in reversed(range(len(initializers))):
                 if initializers[index].name in self.dropped_inits:
