@@ -5,12 +5,14 @@ from .api import (  # noqa: E402 - the version must exist before api imports it
     DecodeReport,
     EncodeOptions,
     EncodeReport,
+    PreparedModel,
     StreamInfo,
     compress_model,
     decode,
     decompress_model,
     encode,
     info,
+    prepare_model,
 )
 from .errors import BitstreamError, FormatError, NncError, UsageError  # noqa: E402
 from .formats import detect_format, read_model, write_model  # noqa: E402
@@ -24,6 +26,7 @@ __all__ = [
     "FormatError",
     "Model",
     "NncError",
+    "PreparedModel",
     "StreamInfo",
     "Tensor",
     "TensorRole",
@@ -34,6 +37,7 @@ __all__ = [
     "detect_format",
     "encode",
     "info",
+    "prepare_model",
     "read_model",
     "write_model",
 ]

@@ -10,6 +10,7 @@ import io
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -27,10 +28,11 @@ from .errors import BitstreamError, NncError, UsageError
 from .fileio import atomic_output, release_pages, same_file
 from .formats import FORMATS, check_output_suffix, model_files, read_model, write_model
 from .graph.activation_stats import ChannelMoments, channel_moments
+from .graph.measured_stats import measure_channel_moments
 from .model import Model, TensorRole
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorm as fold_batchnorms
-from .quantize.allocation import plan_quantization, run_onnx
+from .quantize.allocation import fast_calibration, plan_quantization, run_onnx
 from .ratecontrol import RateControlReport, RateTarget, Trial, search_qp
 from .quantize.uniform import QuantSettings, effective_nonweight_qp
 
@@ -190,6 +192,49 @@ def write_bitstream(
     return StreamSummary(written, len(topology), reports, plan.corrected, plan.compensated)
 
 
+@dataclass
+class PreparedModel:
+    """A model ready for `compress_model` / `write_bitstream`: BatchNorms folded (`folded` of
+    them), its activation `moments`, and `plan_cache` (what the quantization plan needs from
+    the model and the calibration data, measured once for every QP)."""
+
+    model: Model
+    moments: dict[str, ChannelMoments]
+    folded: int
+    plan_cache: dict
+
+
+def prepare_model(
+    model: Model,
+    options: EncodeOptions | None = None,
+    calibration: np.ndarray | None = None,
+    fold_batchnorm: bool = True,
+) -> PreparedModel:
+    """Read what the encode needs before BatchNorm folding removes it, then fold.
+
+    BatchNorm statistics tell each layer's mean input and input covariance (bias correction,
+    data-free error feedback), so `channel_moments` reads them first. With `fast_calibration`
+    (large models with calibration data) the one pass of measured channel moments runs in
+    onnxruntime on the unfolded model (activation names survive folding) in a thread, beside
+    the reading and folding (ResNet-18: ~0.1 s of its ~0.15 s hidden).
+    """
+    options = options or EncodeOptions()
+    calibrated = calibration is not None and np.asarray(calibration).size > 0
+    fast = calibrated and fast_calibration(model, options)
+    cache: dict = {}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        measuring = pool.submit(measure_channel_moments, model, calibration) if fast else None
+        wanted = (options.bias_correction or options.error_feedback) and not options.lossless
+        # Measured covariances replace the estimated ones: skip the W W^T of every convolution.
+        moments = channel_moments(model, covariances=not fast) if wanted else {}
+        folded = 0
+        if fold_batchnorm and not options.lossless:
+            model, folded = fold_batchnorms(model)
+        if measuring is not None:
+            cache["measured_moments"] = measuring.result()
+    return PreparedModel(model, moments, folded, cache)
+
+
 def compress_model(
     model: Model,
     options: EncodeOptions | None = None,
@@ -254,13 +299,8 @@ def encode(
     if pruning is not None and (pruning.sparsity > 0 or pruning.method == "nm"):
         model, prune_report = prune(model, pruning)
     options = options or EncodeOptions()
-    # BatchNorm statistics tell each layer's mean input and input covariance (bias correction,
-    # data-free error feedback); folding removes them, so read them first.
-    moments = channel_moments(model) if (options.bias_correction or options.error_feedback) and not options.lossless else {}
-    folded = 0
-    if fold_batchnorm and not options.lossless:
-        model, folded = fold_batchnorms(model)
-    plan_cache: dict = {}
+    prepared = prepare_model(model, options, calibration, fold_batchnorm)
+    model, moments, folded, plan_cache = prepared.model, prepared.moments, prepared.folded, prepared.plan_cache
     rate_report = None
     if target is not None:
         rate_report = _control_rate(model, model_path, options, target, original_bytes, calibration, evaluation, plan_cache, moments)

@@ -24,7 +24,8 @@ from .progress import progress_bar
 from .prune import PruneConfig, PruneReport
 from .prune.config import ALLOCATIONS, IMPORTANCES, METHODS, NM_GRANULARITIES, SCOPES
 from .quantize.rdo import DEFAULT_KERNEL_CORRELATION
-from .quantize.uniform import MAX_KERNEL_CORRELATION, QuantSettings
+from .quantize.allocation import FULL_CALIBRATION_PARAMETERS
+from .quantize.uniform import CALIBRATION_MODES, MAX_KERNEL_CORRELATION, QuantSettings
 from .ratecontrol import RateTarget
 from .units import format_size, parse_size
 
@@ -110,6 +111,11 @@ def quantization_options(command):
                      show_default=True, metavar="RHO",
                      help="Round conv kernels tap by tap with error feedback for this assumed correlation of"
                           " neighbouring inputs (0 = round to nearest); --calib's measured feedback replaces it."),
+        click.option("--calib-mode", type=click.Choice(CALIBRATION_MODES), default="auto", show_default=True,
+                     help="What --calib data does for quantization (ONNX). full: measured tensor sensitivities and GPTQ on"
+                          " every layer's input Hessian (smallest, seconds on large models). fast: one pass measuring each"
+                          " layer's input channel statistics for error feedback (~0.1 s)."
+                          f" auto: full up to {FULL_CALIBRATION_PARAMETERS / 1e6:g} M parameters."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -172,10 +178,11 @@ def _pruning(prune_method: str | None, sparsities: tuple[float, ...], scope: str
 def _settings(qp: int, nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool,
               uniform_qp: bool = False, rdo: float = 0.0, no_error_feedback: bool = False,
               no_bias_correction: bool = False, dq: bool = False,
-              kernel_correlation: float = DEFAULT_KERNEL_CORRELATION) -> QuantSettings:
+              kernel_correlation: float = DEFAULT_KERNEL_CORRELATION, calib_mode: str = "auto") -> QuantSettings:
     return QuantSettings(qp=qp, nonweight_qp=nonweight_qp, bits=bits, per_channel=per_channel, lossless=lossless,
                          allocate=not uniform_qp, rdo=rdo, error_feedback=not no_error_feedback,
-                         bias_correction=not no_bias_correction, dependent=dq, kernel_correlation=kernel_correlation)
+                         bias_correction=not no_bias_correction, dependent=dq, kernel_correlation=kernel_correlation,
+                         calibration_mode=calib_mode)
 
 
 def rate_control_options(command):
@@ -268,7 +275,8 @@ def _quiet_and_verbose(quiet: bool, verbose: bool) -> None:
 @handle_errors
 def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, jobs: int, qp: int,
            nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float,
-           no_error_feedback: bool, no_bias_correction: bool, dq: bool, kernel_correlation: float, target_size: int | None, target_ratio: float | None, target_snr: float | None,
+           no_error_feedback: bool, no_bias_correction: bool, dq: bool, kernel_correlation: float, calib_mode: str,
+           target_size: int | None, target_ratio: float | None, target_snr: float | None,
            max_acc_drop: float | None, data: str | None, no_fold_bn: bool, as_json: bool, quiet: bool, verbose: bool,
            **prune_options) -> None:
     """Compress MODEL into an nnc bitstream (-o), or many MODELs into a directory (-d).
@@ -291,7 +299,7 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
     calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
     evaluation = load_eval_data(data) if data is not None else None
     settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo, no_error_feedback,
-                         no_bias_correction, dq, kernel_correlation)
+                         no_bias_correction, dq, kernel_correlation, calib_mode)
     pruning = _pruning(calibration=calibration, **prune_options)
     if output_dir is not None:
         _encode_batch(models, output_dir, jobs, settings, pruning, not no_fold_bn, calibration, as_json, quiet, verbose,
@@ -477,7 +485,7 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
 @handle_errors
 def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight_qp: int | None, bits: int | None,
           per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float, no_error_feedback: bool,
-          no_bias_correction: bool, dq: bool, kernel_correlation: float, no_fold_bn: bool,
+          no_bias_correction: bool, dq: bool, kernel_correlation: float, calib_mode: str, no_fold_bn: bool,
           sweep_spec: str | None,
           plot_path: str | None, runs: int, warmup: int, batch_size: int, threads: int,
           fail_below_accuracy: float | None, fail_above_size: int | None, fail_above_latency_ratio: float | None,
@@ -512,7 +520,7 @@ def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight
         check_plot_target(plot_path)  # before the sweep, not after minutes of work
     calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
     settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo, no_error_feedback,
-                         no_bias_correction, dq, kernel_correlation)
+                         no_bias_correction, dq, kernel_correlation, calib_mode)
     pruning = _pruning(calibration=calibration, **prune_options)
     if sweeping:
         qps = parse_sweep(sweep_spec).values if sweep_spec is not None else (qp,)

@@ -575,6 +575,28 @@ def to_proto(model: Model, max_elements: int | None = None) -> onnx.ModelProto:
     return proto
 
 
+def runtime_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The ModelProto for an onnxruntime session, without copying the main graph's weights.
+
+    Main-graph initializers are declared as external data and returned as arrays by name, to
+    be handed to the session directly (`graph.onnx_util.cpu_session(..., initializers=)`);
+    other tensors (Constant nodes, subgraphs) are inline. ResNet-18: 0.01 s instead of 0.1 s
+    for `to_proto` and serialisation.
+    """
+    proto, slots, arrays = _assemble(model, None)
+    main = {init.name for init in proto.graph.initializer}
+    handed: dict[str, np.ndarray] = {}
+    for slot, array in zip(slots, arrays):
+        if slot.is_initializer and slot.key[0] == 0 and slot.name in main:
+            slot.proto.data_location = onnx.TensorProto.EXTERNAL
+            entry = slot.proto.external_data.add()
+            entry.key, entry.value = "location", "in-memory"
+            handed[slot.name] = array
+        else:
+            slot.proto.raw_data = _bytes_view(array).tobytes()
+    return proto, handed
+
+
 def _fit(tensor: Tensor, slot: _Slot, path: Path) -> np.ndarray:
     """The tensor's array in the slot's declared dtype and shape, little-endian and contiguous."""
     want_name = _ONNX_DTYPES[slot.proto.data_type]

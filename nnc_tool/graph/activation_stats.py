@@ -104,10 +104,12 @@ def _rectified(moments: ChannelMoments) -> ChannelMoments | None:
     return ChannelMoments(mean, var, covariance)
 
 
-def channel_moments(model: Model) -> dict[str, ChannelMoments]:
+def channel_moments(model: Model, covariances: bool = True) -> dict[str, ChannelMoments]:
     """Moments of every activation of the main graph that follows from BatchNorm statistics.
 
     Empty for non-ONNX models and models without an inference-mode BatchNormalization.
+    `covariances=False` skips the channel covariances (a W W^T per convolution), for callers
+    that measure them instead (graph/measured_stats.py).
     """
     if model.format != "onnx" or b"BatchNormalization" not in model.topology:
         return {}
@@ -119,7 +121,7 @@ def channel_moments(model: Model) -> dict[str, ChannelMoments]:
         if node.domain not in _STANDARD_DOMAINS or not node.output or not node.output[0]:
             continue
         if node.op_type == "Conv":
-            correlation = _conv_correlation(node, constants)
+            correlation = _conv_correlation(node, constants) if covariances else None
             if correlation is not None:
                 correlations[node.output[0]] = correlation
             continue

@@ -45,8 +45,12 @@ def _count_reads(graph: onnx.GraphProto, uses: dict[str, int]) -> None:
             _count_reads(sub, uses)
 
 
-def cpu_session(proto: onnx.ModelProto, threads: int = 1, optimization_level=None):
-    """An onnxruntime CPU session over an in-memory model, quiet and with a fixed thread count."""
+def cpu_session(proto: onnx.ModelProto, threads: int = 1, optimization_level=None, initializers: dict | None = None):
+    """An onnxruntime CPU session over an in-memory model, quiet and with a fixed thread count.
+
+    `initializers` (name -> array) supply the data of initializers that `proto` declares as
+    external (see formats.onnx_format.runtime_proto), so the weights are never serialised.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -55,4 +59,7 @@ def cpu_session(proto: onnx.ModelProto, threads: int = 1, optimization_level=Non
     options.log_severity_level = 3
     if optimization_level is not None:
         options.graph_optimization_level = optimization_level
+    if initializers:
+        names = list(initializers)
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(initializers[n]) for n in names])
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -52,6 +52,7 @@ import numpy as np
 
 from ..fileio import release_pages
 from ..graph.activation_stats import ChannelMoments, conv_input_second_moments, layer_inputs
+from ..graph.measured_stats import measure_channel_moments
 from ..graph.onnx_util import attributes, name_uses
 from ..model import Model, Tensor, TensorRole
 from .bias_correction import correct_biases
@@ -84,6 +85,10 @@ SENSITIVITY_BUDGET = 32 << 20
 MIN_SENSITIVITY_SAMPLES = 4
 # Patch rows per Hessian column beyond which a convolution's output positions are subsampled.
 HESSIAN_ROWS_PER_COLUMN = 32
+# calibration_mode "auto": models with more quantizable parameters than this use "fast"
+# calibration. Digits ResNet-18 (11.2 M): "full" encodes in 4-5 s at BD-rate -33.6 % vs NNCodec,
+# "fast" in about 0.7 s at -25 %; the sample models (under 0.2 M) take well under a second "full".
+FULL_CALIBRATION_PARAMETERS = 2_000_000
 
 _QUANTIZABLE = (TensorRole.WEIGHT, TensorRole.NONWEIGHT)
 _FLOATS = ("float32", "float16", "bfloat16", "float64")
@@ -288,6 +293,17 @@ class QuantPlan:
         return self.settings.get(tensor.name, default)
 
 
+def fast_calibration(model: Model, settings: QuantSettings) -> bool:
+    """Whether calibration data goes to one pass of measured channel moments (graph/measured_stats.py)
+    instead of sensitivity runs and layer Hessians: `settings.calibration_mode` "fast", or "auto"
+    for ONNX models of over FULL_CALIBRATION_PARAMETERS quantizable parameters."""
+    if model.format != "onnx" or settings.lossless or settings.bits is not None:
+        return False
+    if settings.calibration_mode == "auto":
+        return sum(t.array.size for t in model.tensors if _quantizable(t)) > FULL_CALIBRATION_PARAMETERS
+    return settings.calibration_mode == "fast"
+
+
 def plan_quantization(
     model: Model,
     settings: QuantSettings,
@@ -309,7 +325,10 @@ def plan_quantization(
     caller keeps) holds what depends on the model and calibration data but not on the QP
     (sensitivities, layer Hessians), so repeated plans at other QPs (rate control) skip them.
     `moments` (graph.activation_stats.channel_moments of the model before BatchNorm folding)
-    enable bias correction (`settings.bias_correction`) of the layers whose mean input they tell.
+    enable bias correction (`settings.bias_correction`) of the layers whose mean input they tell,
+    and Kronecker error feedback of the convolutions whose input covariance they tell. With
+    `fast_calibration`, the calibration data only measures such moments (kept in `cache` as
+    "measured_moments"; a caller may fill that in beforehand) and the plan is otherwise data-free.
     """
     allocate = settings.allocate if allocate is None else allocate
     error_feedback = settings.error_feedback if error_feedback is None else error_feedback
@@ -321,9 +340,15 @@ def plan_quantization(
         notes.append(f"calibration data unused: measuring a {model.format} model needs a run_model callback")
         calibrated = False
     hessians: dict[str, _LayerHessian] = {}
+    cache = {} if cache is None else cache
+    if calibrated and fast_calibration(model, settings):
+        if "measured_moments" not in cache:
+            cache["measured_moments"] = measure_channel_moments(model, calibration)
+        # Measured moments stand in for the BatchNorm estimate where both exist.
+        moments = {**(moments or {}), **cache["measured_moments"]}
+        calibrated = False
     # Per-channel steps are re-derived from each row's peak when coding, which error feedback
     # moves: only per-tensor steps keep compensated values exactly on their grid.
-    cache = {} if cache is None else cache
     feedback = calibrated and error_feedback and model.format == "onnx" and not settings.per_channel
     measured = allocate and calibrated and sensitivities is None
     with ThreadPoolExecutor(max_workers=1) as pool:

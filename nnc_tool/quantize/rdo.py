@@ -577,7 +577,9 @@ def kronecker_gptq_round(
                 errors[a] *= gate[a]
                 row[...] = level
                 if a + 1 < taps:
-                    kernels[a + 1 :] -= tap_upper[a, a + 1 :, None] * errors[a]
+                    later = scratch[: taps - a - 1]
+                    np.multiply(tap_upper[a, a + 1 :, None], errors[a], out=later)
+                    kernels[a + 1 :] -= later
             np.matmul(spread, errors, out=feedback[k])  # sum over taps a of e_a U_S[a, :]
         if batch_stop < width:
             for first, count, rows, factor in groups:
