@@ -40,6 +40,12 @@ predicted error reduction for that layer (`gptq_gain`). `plan_quantization` does
 returns a model whose compensated weights lie exactly on their quantization grid plus per-tensor
 settings; coding that model with those settings reproduces the chosen levels (decoders need
 nothing new).
+
+That full calibration costs one sensitivity run per tensor plus every layer's Hessian and its
+factorisation (digits ResNet-18: 4-5 s). Past FULL_CALIBRATION_PARAMETERS (or with
+calibration_mode "fast") the calibration data only feeds one onnxruntime pass that measures each
+layer's input channel moments (graph/measured_stats.py); they replace the BatchNorm estimate of
+the data-free plan (Kronecker error feedback, bias correction) and the allocation stays data-free.
 """
 from __future__ import annotations
 
