@@ -216,7 +216,8 @@ def prepare_model(
     data-free error feedback), so `channel_moments` reads them first. With `fast_calibration`
     (large models with calibration data) the one pass of measured channel moments runs in
     onnxruntime on the unfolded model (activation names survive folding) in a thread, beside
-    the reading and folding (ResNet-18: ~0.1 s of its ~0.15 s hidden).
+    the reading and folding: onnxruntime's run releases the GIL (building the session does not).
+    Digits ResNet-18, median of 10: 0.22 s one after the other, 0.17 s side by side.
     """
     options = options or EncodeOptions()
     calibrated = calibration is not None and np.asarray(calibration).size > 0
