@@ -69,6 +69,7 @@ class EncodeReport:
     folded_batchnorms: int = 0
     corrected_biases: int = 0  # layers whose bias absorbed the mean shift of their rounded weights
     feedback_layers: int = 0  # layers rounded with GPTQ error feedback (measured or estimated inputs)
+    calibration_mode: str | None = None  # "full" or "fast" when calibration data was used (see QuantSettings)
     qp: int | None = None  # the weight QP used (chosen by rate control when a target was given)
     rate_control: RateControlReport | None = None
 
@@ -326,9 +327,19 @@ def encode(
         folded_batchnorms=folded,
         corrected_biases=len(summary.corrected_biases),
         feedback_layers=len(summary.feedback_layers),
+        calibration_mode=_calibration_used(model, options, calibration),
         qp=options.qp,
         rate_control=rate_report,
     )
+
+
+def _calibration_used(model: Model, options: EncodeOptions, calibration: np.ndarray | None) -> str | None:
+    """Which calibration the plan ran ("full", "fast"), None when it had no data to use."""
+    if calibration is None or np.asarray(calibration).size == 0 or model.format != "onnx":
+        return None
+    if options.lossless or options.bits is not None:
+        return None
+    return "fast" if fast_calibration(model, options) else "full"
 
 
 def _control_rate(

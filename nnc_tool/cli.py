@@ -115,7 +115,7 @@ def quantization_options(command):
                      help="What --calib data does for quantization (ONNX). full: measured tensor sensitivities and GPTQ on"
                           " every layer's input Hessian (smallest, seconds on large models). fast: one pass measuring each"
                           " layer's input channel statistics for error feedback (~0.1 s)."
-                          f" auto: full up to {FULL_CALIBRATION_PARAMETERS / 1e6:g} M parameters."),
+                          f" auto: full up to {FULL_CALIBRATION_PARAMETERS / 1e6:g} M weights."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -365,6 +365,11 @@ def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: boo
         _echo_pruning(report.pruning, verbose, echo)
     if report.folded_batchnorms:
         echo(f"folded {report.folded_batchnorms} BatchNormalization node(s) into the layers before them")
+    if report.calibration_mode == "fast":
+        echo("calibration: fast, one pass measured every layer's input statistics"
+             " (--calib-mode full also measures sensitivities and layer Hessians: smaller, slower)")
+    elif report.calibration_mode == "full":
+        echo("calibration: full, measured tensor sensitivities and layer Hessians")
     if report.feedback_layers:
         echo(f"error feedback: {report.feedback_layers} layer(s) rounded with GPTQ for their input statistics")
     if report.corrected_biases:

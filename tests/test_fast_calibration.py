@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import helper
 
-from nnc_tool import api, read_model
+from nnc_tool import TensorRole, api, read_model
 from nnc_tool.bench.runner import compare_outputs
 from nnc_tool.cli import main
 from nnc_tool.formats.onnx_format import runtime_proto, to_proto
@@ -17,6 +17,7 @@ from nnc_tool.graph.measured_stats import measure_channel_moments
 from nnc_tool.graph.onnx_util import cpu_session
 from nnc_tool.quantize import allocation
 from nnc_tool.quantize.allocation import fast_calibration, plan_quantization, run_onnx
+from nnc_tool.quantize.fold import fold_batchnorm
 from nnc_tool.quantize.uniform import QuantSettings
 
 
@@ -74,10 +75,15 @@ def test_measured_moments_are_the_same_before_and_after_folding(samples_dir, cal
 
 def test_auto_mode_picks_fast_calibration_by_size(samples_dir, monkeypatch):
     model = read_model(samples_dir / "resnet.onnx")
+    folded, _ = fold_batchnorm(model)
     assert not fast_calibration(model, QuantSettings())
     assert fast_calibration(model, QuantSettings(calibration_mode="fast"))
-    monkeypatch.setattr(allocation, "FULL_CALIBRATION_PARAMETERS", model.parameter_count // 2)
-    assert fast_calibration(model, QuantSettings())
+    weights = sum(t.array.size for t in model.tensors if t.role == TensorRole.WEIGHT)
+    monkeypatch.setattr(allocation, "FULL_CALIBRATION_PARAMETERS", weights - 1)
+    assert fast_calibration(model, QuantSettings()) and fast_calibration(folded, QuantSettings())
+    monkeypatch.setattr(allocation, "FULL_CALIBRATION_PARAMETERS", weights)  # folding adds biases, no weights
+    assert not fast_calibration(model, QuantSettings()) and not fast_calibration(folded, QuantSettings())
+    monkeypatch.setattr(allocation, "FULL_CALIBRATION_PARAMETERS", weights - 1)
     assert not fast_calibration(model, QuantSettings(calibration_mode="full"))
     assert not fast_calibration(model, QuantSettings(calibration_mode="fast", lossless=True))
     with pytest.raises(ValueError, match="calibration_mode"):
@@ -121,8 +127,11 @@ def test_cli_calib_mode(samples_dir, tmp_path):
                                       "--calib", str(calib), "--calib-mode", mode, "--json"])
         assert result.exit_code == 0, result.output
         report = json.loads(result.output)
-        assert report["feedback_layers"] >= 1
+        assert report["feedback_layers"] >= 1 and report["calibration_mode"] == mode
         sizes[mode] = report["bitstream_bytes"]
+        text = runner.invoke(main, ["encode", str(samples_dir / "lenet.onnx"), "-o", str(out), "--qp", "-26",
+                                    "--calib", str(calib), "--calib-mode", mode])
+        assert f"calibration: {mode}," in text.output
     assert sizes["fast"] != sizes["full"]
     result = runner.invoke(main, ["encode", str(samples_dir / "lenet.onnx"), "-o", str(tmp_path / "x.nnc"), "--calib-mode", "quick"])
     assert result.exit_code == 2 and "quick" in result.output

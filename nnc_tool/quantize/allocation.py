@@ -91,7 +91,7 @@ SENSITIVITY_BUDGET = 32 << 20
 MIN_SENSITIVITY_SAMPLES = 4
 # Patch rows per Hessian column beyond which a convolution's output positions are subsampled.
 HESSIAN_ROWS_PER_COLUMN = 32
-# calibration_mode "auto": models with more quantizable parameters than this use "fast"
+# calibration_mode "auto": models with more weight parameters than this use "fast"
 # calibration. Digits ResNet-18 (11.2 M): "full" encodes in 4-5 s at BD-rate -33.6 % vs NNCodec,
 # "fast" in about 0.7 s at -25 %; the sample models (under 0.2 M) take well under a second "full".
 FULL_CALIBRATION_PARAMETERS = 2_000_000
@@ -302,11 +302,13 @@ class QuantPlan:
 def fast_calibration(model: Model, settings: QuantSettings) -> bool:
     """Whether calibration data goes to one pass of measured channel moments (graph/measured_stats.py)
     instead of sensitivity runs and layer Hessians: `settings.calibration_mode` "fast", or "auto"
-    for ONNX models of over FULL_CALIBRATION_PARAMETERS quantizable parameters."""
+    for ONNX models of over FULL_CALIBRATION_PARAMETERS weight parameters (counted in WEIGHT
+    tensors, so the answer is the same before and after BatchNorm folding)."""
     if model.format != "onnx" or settings.lossless or settings.bits is not None:
         return False
     if settings.calibration_mode == "auto":
-        return sum(t.array.size for t in model.tensors if _quantizable(t)) > FULL_CALIBRATION_PARAMETERS
+        weights = sum(t.array.size for t in model.tensors if t.role == TensorRole.WEIGHT and _quantizable(t))
+        return weights > FULL_CALIBRATION_PARAMETERS
     return settings.calibration_mode == "fast"
 
 
