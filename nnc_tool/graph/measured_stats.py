@@ -25,7 +25,7 @@ import numpy as np
 
 from ..model import Model
 from .activation_stats import ChannelMoments
-from .onnx_util import cpu_session
+from .onnx_util import as_session_input, cpu_session
 
 __all__ = ["MEASURED_SAMPLES", "measure_channel_moments"]
 
@@ -111,11 +111,10 @@ def measure_channel_moments(model: Model, calibration: np.ndarray, samples: int 
     # and runs 1.5x longer; building holds the GIL, running does not (it overlaps BatchNorm folding).
     session = cpu_session(proto, optimization_level=_NO_OPTIMIZATION, initializers=weights)
     declared = session.get_inputs()[0]
-    dtype = {"tensor(double)": np.float64, "tensor(float16)": np.float16}.get(declared.type, np.float32)
     names = [o.name for o in session.get_outputs() if o.name in feeds_conv]
     sums: dict[str, _Accumulator] = {}
     for start in range(0, len(x), BATCH_SAMPLES):
-        batch = np.ascontiguousarray(x[start : start + BATCH_SAMPLES], dtype=dtype)
+        batch = as_session_input(x[start : start + BATCH_SAMPLES], declared.type)
         values = dict(zip(names, session.run(names, {declared.name: batch}))) if names else {}
         if declared.name in feeds_conv:
             values[declared.name] = batch

@@ -59,7 +59,7 @@ import numpy as np
 from ..fileio import release_pages
 from ..graph.activation_stats import ChannelMoments, conv_input_second_moments, layer_inputs
 from ..graph.measured_stats import measure_channel_moments
-from ..graph.onnx_util import attributes, name_uses
+from ..graph.onnx_util import as_session_input, attributes, name_uses
 from ..model import Model, Tensor, TensorRole
 from .bias_correction import correct_biases
 from .rdo import (
@@ -537,7 +537,7 @@ def run_onnx(model: Model, x: np.ndarray) -> np.ndarray:
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise ValueError(f"calibration supports models with one input; this one has {len(inputs)}")
-    return np.asarray(session.run(None, {inputs[0].name: _as_input(x, inputs[0].type)})[0])
+    return np.asarray(session.run(None, {inputs[0].name: as_session_input(x, inputs[0].type)})[0])
 
 
 class _OverridableOnnx:
@@ -575,20 +575,9 @@ class _OverridableOnnx:
         self._input = data_inputs[0]
 
     def run(self, x: np.ndarray, overrides: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        feeds = {self._input.name: _as_input(x, self._input.type)}
+        feeds = {self._input.name: as_session_input(x, self._input.type)}
         feeds.update(overrides or {})
         return np.asarray(self._session.run(None, feeds)[0])
-
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-}
-
-
-def _as_input(x: np.ndarray, ort_type: str) -> np.ndarray:
-    """Calibration inputs in the dtype the model's input declares (float32 if unknown)."""
-    return np.ascontiguousarray(x, dtype=_ORT_TYPES.get(ort_type, np.float32))
 
 
 def _threads() -> int:
@@ -687,7 +676,7 @@ def layer_hessians(model: Model, calibration: np.ndarray) -> dict[str, _LayerHes
         proto.graph.output.append(helper.make_empty_tensor_value_info(name))
     session = _session(proto.SerializeToString(), _threads())
     declared = {i.name: i.type for i in session.get_inputs()}
-    x = _as_input(calibration, declared.get(graph_inputs[0], "tensor(float)"))
+    x = as_session_input(calibration, declared.get(graph_inputs[0], "tensor(float)"))
     values = dict(zip((o.name for o in session.get_outputs()), session.run(None, {graph_inputs[0]: x})))
     values[graph_inputs[0]] = x
 
