@@ -32,7 +32,7 @@ from .graph.measured_stats import measure_channel_moments
 from .model import Model, TensorRole
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorm as fold_batchnorms
-from .quantize.allocation import fast_calibration, plan_quantization, run_onnx
+from .quantize.allocation import MEASURED_MOMENTS, fast_calibration, plan_quantization, run_onnx
 from .ratecontrol import RateControlReport, RateTarget, Trial, search_qp
 from .quantize.uniform import QuantSettings, effective_nonweight_qp
 
@@ -124,6 +124,7 @@ class StreamSummary:
     tensors: list[TensorReport]
     corrected_biases: list[str] = field(default_factory=list)
     feedback_layers: list[str] = field(default_factory=list)
+    calibration_mode: str | None = None  # how the plan used calibration data (QuantPlan.calibration_mode)
 
 
 def write_bitstream(
@@ -190,7 +191,7 @@ def write_bitstream(
         del payload, unit
         if progress is not None:
             progress(index + 1, len(model.tensors))
-    return StreamSummary(written, len(topology), reports, plan.corrected, plan.compensated)
+    return StreamSummary(written, len(topology), reports, plan.corrected, plan.compensated, plan.calibration_mode)
 
 
 @dataclass
@@ -233,7 +234,7 @@ def prepare_model(
         if fold_batchnorm and not options.lossless:
             model, folded = fold_batchnorms(model)
         if measuring is not None:
-            cache["measured_moments"] = measuring.result()
+            cache[MEASURED_MOMENTS] = measuring.result()
     return PreparedModel(model, moments, folded, cache)
 
 
@@ -327,19 +328,10 @@ def encode(
         folded_batchnorms=folded,
         corrected_biases=len(summary.corrected_biases),
         feedback_layers=len(summary.feedback_layers),
-        calibration_mode=_calibration_used(model, options, calibration),
+        calibration_mode=summary.calibration_mode,
         qp=options.qp,
         rate_control=rate_report,
     )
-
-
-def _calibration_used(model: Model, options: EncodeOptions, calibration: np.ndarray | None) -> str | None:
-    """Which calibration the plan ran ("full", "fast"), None when it had no data to use."""
-    if calibration is None or np.asarray(calibration).size == 0 or model.format != "onnx":
-        return None
-    if options.lossless or options.bits is not None:
-        return None
-    return "fast" if fast_calibration(model, options) else "full"
 
 
 def _control_rate(

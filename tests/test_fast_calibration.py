@@ -66,7 +66,7 @@ def test_measured_moments_are_the_same_before_and_after_folding(samples_dir, cal
     model = read_model(samples_dir / "resnet.onnx")
     prepared = api.prepare_model(model, QuantSettings(calibration_mode="fast"), calibration)
     assert prepared.folded > 0
-    before = prepared.plan_cache["measured_moments"]  # measured on the unfolded model, in a thread
+    before = prepared.plan_cache[allocation.MEASURED_MOMENTS]  # measured on the unfolded model, in a thread
     after = measure_channel_moments(prepared.model, calibration)
     assert set(before) == set(after)
     for name in before:

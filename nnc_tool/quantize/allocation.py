@@ -95,6 +95,9 @@ HESSIAN_ROWS_PER_COLUMN = 32
 # calibration. Digits ResNet-18 (11.2 M): "full" encodes in 4-5 s at BD-rate -33.6 % vs NNCodec,
 # "fast" in about 0.7 s at -25 %; the sample models (under 0.2 M) take well under a second "full".
 FULL_CALIBRATION_PARAMETERS = 2_000_000
+# plan_quantization's cache entry for fast calibration's measured moments (api.prepare_model
+# fills it in while BatchNorm is folded).
+MEASURED_MOMENTS = "measured_moments"
 
 _QUANTIZABLE = (TensorRole.WEIGHT, TensorRole.NONWEIGHT)
 _FLOATS = ("float32", "float16", "bfloat16", "float64")
@@ -294,6 +297,7 @@ class QuantPlan:
     # reuses them instead of running the (trellis) quantization of those tensors again.
     quantized: dict[str, Quantized] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. why calibration data went unused
+    calibration_mode: str | None = None  # "full" or "fast": how calibration data was used; None: not at all
 
     def settings_for(self, tensor: Tensor, default: QuantSettings) -> QuantSettings:
         return self.settings.get(tensor.name, default)
@@ -335,8 +339,8 @@ def plan_quantization(
     `moments` (graph.activation_stats.channel_moments of the model before BatchNorm folding)
     enable bias correction (`settings.bias_correction`) of the layers whose mean input they tell,
     and Kronecker error feedback of the convolutions whose input covariance they tell. With
-    `fast_calibration`, the calibration data only measures such moments (kept in `cache` as
-    "measured_moments"; a caller may fill that in beforehand) and the plan is otherwise data-free.
+    `fast_calibration`, the calibration data only measures such moments (kept in `cache` under
+    MEASURED_MOMENTS; a caller may fill that in beforehand) and the plan is otherwise data-free.
     """
     allocate = settings.allocate if allocate is None else allocate
     error_feedback = settings.error_feedback if error_feedback is None else error_feedback
@@ -349,12 +353,15 @@ def plan_quantization(
         calibrated = False
     hessians: dict[str, _LayerHessian] = {}
     cache = {} if cache is None else cache
+    calibration_mode = None
     if calibrated and fast_calibration(model, settings):
-        if "measured_moments" not in cache:
-            cache["measured_moments"] = measure_channel_moments(model, calibration)
+        if MEASURED_MOMENTS not in cache:
+            cache[MEASURED_MOMENTS] = measure_channel_moments(model, calibration)
         # Measured moments stand in for the BatchNorm estimate where both exist.
-        moments = {**(moments or {}), **cache["measured_moments"]}
-        calibrated = False
+        moments = {**(moments or {}), **cache[MEASURED_MOMENTS]}
+        calibrated, calibration_mode = False, "fast"
+    elif calibrated:
+        calibration_mode = "full"
     # Per-channel steps are re-derived from each row's peak when coding, which error feedback
     # moves: only per-tensor steps keep compensated values exactly on their grid.
     feedback = calibrated and error_feedback and model.format == "onnx" and not settings.per_channel
@@ -426,7 +433,9 @@ def plan_quantization(
         model = replace(model, tensors=tensors)
     # No layer left to bias correction has error feedback: the coder quantizes its weights itself.
     model, corrected = correct_biases(model, inputs, lambda t: _reconstruction(t, per_tensor.get(t.name, settings), chosen))
-    return QuantPlan(model, per_tensor, qps, compensated, corrected, notes=notes, quantized=chosen)
+    return QuantPlan(
+        model, per_tensor, qps, compensated, corrected, quantized=chosen, notes=notes, calibration_mode=calibration_mode
+    )
 
 
 def _on_grid(settings: QuantSettings) -> QuantSettings:
@@ -438,8 +447,9 @@ def _on_grid(settings: QuantSettings) -> QuantSettings:
 def _estimated_feedback(
     model: Model, settings: QuantSettings, moments: dict[str, ChannelMoments] | None
 ) -> dict[str, tuple[KroneckerFactor, tuple[int, ...]]]:
-    """Data-free error feedback across input channels: for every convolution whose input's
-    channel covariance follows from BatchNorm statistics (graph/activation_stats.py), the
+    """Error feedback across input channels without layer Hessians: for every convolution whose
+    input's channel covariance `moments` give (estimated from BatchNorm statistics,
+    graph/activation_stats.py, or measured by fast calibration, graph/measured_stats.py), the
     Kronecker factor of its estimated input Hessian E[x x^T] (channels) x S (taps: kernel
     feedback's prior, the identity at kernel_correlation 0), with the kernel shape. Only where
     the rounding is otherwise plain uniform rounding of one step per tensor.
