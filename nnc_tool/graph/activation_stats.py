@@ -37,11 +37,10 @@ import numpy as np
 import onnx
 
 from ..model import Model
-from .onnx_util import attributes, name_uses, topology_proto
+from .onnx_util import STANDARD_DOMAINS, attributes, name_uses, topology_proto
 
 __all__ = ["ChannelMoments", "LayerInput", "channel_moments", "conv_input_second_moments", "layer_inputs"]
 
-_STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 _PASS_THROUGH = frozenset({"Identity", "Dropout", "MaxPool"})
 # Tensors up to this size are filled in for shape inference (shape constants, not weights).
 _SHAPE_CONSTANT_ELEMENTS = 1 << 12
@@ -118,7 +117,7 @@ def channel_moments(model: Model, covariances: bool = True) -> dict[str, Channel
     known: dict[str, ChannelMoments] = {}
     correlations: dict[str, np.ndarray] = {}  # convolution outputs: correlation between channels
     for node in graph.node:
-        if node.domain not in _STANDARD_DOMAINS or not node.output or not node.output[0]:
+        if node.domain not in STANDARD_DOMAINS or not node.output or not node.output[0]:
             continue
         if node.op_type == "Conv":
             correlation = _conv_correlation(node, constants) if covariances else None
@@ -220,7 +219,7 @@ def layer_inputs(model: Model, moments: dict[str, ChannelMoments]) -> dict[str, 
     tensors = model.tensor_map()
     uses = name_uses(graph)
 
-    candidates = [n for n in graph.node if n.domain in _STANDARD_DOMAINS and n.op_type in ("Conv", "Gemm") and len(n.input) >= 3]
+    candidates = [n for n in graph.node if n.domain in STANDARD_DOMAINS and n.op_type in ("Conv", "Gemm") and len(n.input) >= 3]
     spatial: dict[str, list[int]] = {}
     if any(n.op_type == "Conv" for n in candidates):
         spatial = _input_shapes(to_proto(model, max_elements=_SHAPE_CONSTANT_ELEMENTS))
@@ -257,7 +256,7 @@ def conv_input_second_moments(model: Model, moments: dict[str, ChannelMoments]) 
     uses = name_uses(graph)
     found: dict[str, np.ndarray] = {}
     for node in graph.node:
-        if node.domain not in _STANDARD_DOMAINS or node.op_type != "Conv" or len(node.input) < 2:
+        if node.domain not in STANDARD_DOMAINS or node.op_type != "Conv" or len(node.input) < 2:
             continue
         attrs = attributes(node)
         weight, stats = tensors.get(node.input[1]), moments.get(node.input[0])

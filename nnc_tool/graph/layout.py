@@ -36,12 +36,11 @@ from dataclasses import dataclass
 import onnx
 
 from ..model import Model, TensorRole
-from .onnx_util import topology_proto
+from .onnx_util import STANDARD_DOMAINS, topology_proto
 
 __all__ = ["TORCH_FORMATS", "WeightLayout", "weight_layouts"]
 
 TORCH_FORMATS = frozenset({"torch-state-dict", "torchscript", "torch-export", "safetensors"})
-_STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 
 def _consumer_layout(node: onnx.NodeProto, slot: int, ndim: int) -> WeightLayout | None:
     """The layout a consumer implies for the tensor in its input `slot` (None: unknown)."""
-    if node.domain not in _STANDARD_DOMAINS:
+    if node.domain not in STANDARD_DOMAINS:
         return None
     op = node.op_type
     if op == "Conv" and slot == 1 and ndim >= 3:

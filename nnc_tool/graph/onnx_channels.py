@@ -33,9 +33,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["ChannelGroup", "ChannelSlice", "ShapeFix", "analyse_channels", "node_labels", "constant_arrays"]
+from .onnx_util import STANDARD_DOMAINS
 
-_STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+__all__ = ["ChannelGroup", "ChannelSlice", "ShapeFix", "analyse_channels", "node_labels", "constant_arrays"]
 
 
 class ChannelSlice(NamedTuple):
@@ -104,7 +104,7 @@ def constant_arrays(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     for init in graph.initializer:
         found[init.name] = numpy_helper.to_array(init)
     for node in graph.node:
-        if node.op_type != "Constant" or node.domain not in _STANDARD_DOMAINS or not node.output:
+        if node.op_type != "Constant" or node.domain not in STANDARD_DOMAINS or not node.output:
             continue
         for attr in node.attribute:
             if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
@@ -125,7 +125,7 @@ def _editable_constants(graph: onnx.GraphProto) -> set[str]:
     inputs = {v.name for v in graph.input}
     names = {t.name for t in graph.initializer if t.name not in inputs}
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS and node.output:
+        if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS and node.output:
             if any(a.name == "value" and a.type == onnx.AttributeProto.TENSOR for a in node.attribute):
                 names.add(node.output[0])
     return names
@@ -189,7 +189,7 @@ _SAME_LAYOUT_EXTRA_OUTPUTS = frozenset({"Dropout"})
 class _Analyser:
     def __init__(self, proto: onnx.ModelProto):
         self.graph = proto.graph
-        self.opset = next((o.version for o in proto.opset_import if o.domain in _STANDARD_DOMAINS), 0)
+        self.opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 0)
         self.labels = node_labels(self.graph)
         self.consts = constant_arrays(self.graph)
         self.editable = _editable_constants(self.graph)
@@ -408,7 +408,7 @@ class _Analyser:
             channel_inputs = [n for n in node.input if n and n in self.layout]
             if not channel_inputs:
                 continue  # computes constants or shapes, no channels flow through it
-            if node.domain not in _STANDARD_DOMAINS:
+            if node.domain not in STANDARD_DOMAINS:
                 self.unknown(node, label, f"custom op {node.domain}::{node.op_type} ({label})")
                 continue
             handler = getattr(self, f"op_{node.op_type}", None)

@@ -6,6 +6,9 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
+# The default ONNX operator domain, under both of its names.
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+
 
 def attributes(node: onnx.NodeProto) -> dict:
     """A node's attributes by name, as Python values."""

@@ -65,12 +65,11 @@ from ..errors import UsageError
 from ..formats import onnx_format
 from ..model import Model, TensorRole
 from .config import LayerChange, PruneConfig, PruneReport
-from ..graph.onnx_util import subgraphs
+from ..graph.onnx_util import STANDARD_DOMAINS, subgraphs
 
 # Rectifier-like ops: their activation state is "pre-activation above the kink" (the kink is 0
 # except for ThresholdedRelu's alpha and Clip's lower bound).
 _RECTIFIERS = frozenset({"Relu", "LeakyRelu", "PRelu", "Elu", "Celu", "Selu", "ThresholdedRelu", "Clip"})
-_STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 
 _CHUNK = 128  # calibration samples per onnxruntime run (unless the model fixes its batch size)
 _MAX_BN_RECALIBRATION = 64  # more downstream BatchNorms than this: skip re-estimation (one run each)
@@ -134,7 +133,7 @@ class _Index:
         self.constants = set(self.initializers)
         for i, node in enumerate(self.nodes):  # topological order: constant folding in one pass
             reads = _reads(node)
-            if node.domain in _STANDARD_DOMAINS and all(r in self.constants for r in reads) and (
+            if node.domain in STANDARD_DOMAINS and all(r in self.constants for r in reads) and (
                 reads or node.op_type == "Constant"
             ):
                 self.constants.update(o for o in node.output if o)
@@ -278,7 +277,7 @@ def _rectifiers(index: _Index, nodes: Iterable[int]) -> list[tuple[str, float]]:
     found = []
     for i in sorted(nodes):
         node = index.nodes[i]
-        if node.domain not in _STANDARD_DOMAINS or node.op_type not in _RECTIFIERS or not node.input[0]:
+        if node.domain not in STANDARD_DOMAINS or node.op_type not in _RECTIFIERS or not node.input[0]:
             continue
         kink = 0.0
         if node.op_type == "ThresholdedRelu":
@@ -385,7 +384,7 @@ def _find_units(proto: onnx.ModelProto) -> _Search:
     sizes = _float_sizes(proto.graph)
     search = _Search()
     for i, node in enumerate(index.nodes):
-        if node.op_type != "Add" or node.domain not in _STANDARD_DOMAINS:
+        if node.op_type != "Add" or node.domain not in STANDARD_DOMAINS:
             continue
         search.adds += 1
         name = index.node_name(i)
@@ -493,7 +492,7 @@ def _downstream_batchnorms(proto: onnx.ModelProto, seeds: set[str]) -> list[int]
         if _key(node) not in seeds and not any(r in reached for r in _reads(node)):
             continue
         reached.update(o for o in node.output if o)
-        if node.op_type != "BatchNormalization" or node.domain not in _STANDARD_DOMAINS:
+        if node.op_type != "BatchNormalization" or node.domain not in STANDARD_DOMAINS:
             continue
         training = any(a.name == "training_mode" and a.i for a in node.attribute)
         stats = list(node.input[3:5])

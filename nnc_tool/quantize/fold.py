@@ -51,11 +51,11 @@ import onnx
 from onnx import numpy_helper
 
 from ..formats import onnx_format
+from ..graph.onnx_util import STANDARD_DOMAINS
 from ..model import Model
 
 __all__ = ["fold_batchnorm"]
 
-_STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 _LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
@@ -160,7 +160,7 @@ class _Folder:
     def __init__(self, proto: onnx.ModelProto) -> None:
         self.proto = proto
         self.graph = proto.graph
-        self.opset = next((o.version for o in proto.opset_import if o.domain in _STANDARD_DOMAINS), 1)
+        self.opset = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), 1)
         graph = self.graph
         # One wrapper per node, kept for the whole run: nodes are identified by id() below.
         self.nodes = list(graph.node)
@@ -170,7 +170,7 @@ class _Folder:
             if init.name not in graph_inputs:
                 self.consts[init.name] = _Const(init.name, init, None, init.data_type)
         for node in self.nodes:
-            if node.op_type != "Constant" or node.domain not in _STANDARD_DOMAINS or len(node.output) != 1:
+            if node.op_type != "Constant" or node.domain not in STANDARD_DOMAINS or len(node.output) != 1:
                 continue
             for a in node.attribute:
                 if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
@@ -284,7 +284,7 @@ class _Folder:
     def run(self) -> int:
         count = 0
         for bn in self.nodes:
-            if bn.op_type == "BatchNormalization" and bn.domain in _STANDARD_DOMAINS and self._fold(bn):
+            if bn.op_type == "BatchNormalization" and bn.domain in STANDARD_DOMAINS and self._fold(bn):
                 count += 1
         if count:
             nodes = []
@@ -319,7 +319,7 @@ class _Folder:
         if (
             layer is None
             or layer.op_type not in _LAYERS
-            or layer.domain not in _STANDARD_DOMAINS
+            or layer.domain not in STANDARD_DOMAINS
             or layer.output[0] != x
             or self.uses[x] != 1
             or x in self.graph_outputs
