@@ -31,8 +31,8 @@ from .graph.activation_stats import ChannelMoments, channel_moments
 from .graph.measured_stats import measure_channel_moments
 from .model import Model, TensorRole
 from .prune import PruneConfig, PruneReport, prune
-from .quantize.fold import fold_batchnorm as fold_batchnorms
-from .quantize.allocation import MEASURED_MOMENTS, fast_calibration, plan_quantization, run_onnx
+from .quantize.fold import fold_batchnorms
+from .quantize.allocation import FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization, run_onnx
 from .ratecontrol import RateControlReport, RateTarget, Trial, search_qp
 from .quantize.uniform import QuantSettings, effective_nonweight_qp
 
@@ -232,7 +232,9 @@ def prepare_model(
         moments = channel_moments(model, covariances=not fast) if wanted else {}
         folded = 0
         if fold_batchnorm and not options.lossless:
-            model, folded = fold_batchnorms(model)
+            result = fold_batchnorms(model)
+            model, folded = result.model, result.count
+            cache[FOLD_SCALES] = result.scales
         if measuring is not None:
             cache[MEASURED_MOMENTS] = measuring.result()
     return PreparedModel(model, moments, folded, cache)

@@ -297,3 +297,64 @@ def test_fp16_model():
     want_w = (w.astype(np.float64) * s[:, None, None, None]).astype(np.float16)
     np.testing.assert_array_equal(arrays["conv.weight"], want_w)
     np.testing.assert_array_equal(arrays["conv.bias"], (beta - mean * s).astype(np.float16))
+
+
+def _tiny_scale_bn_model() -> Model:
+    """conv1 -> BN whose scale s ~ 1e-4 (a variance of ~1e8, as real exports have) -> conv2 -> out.
+
+    conv2's weights are trained for the BN's output range, so the network is well conditioned
+    unfolded; folded, conv1's weights shrink 10^4-fold below every other weight.
+    """
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((8, 16, 3, 3)).astype(np.float32) * 0.1
+    bn = {
+        "bn.scale": 1.0 + 0.2 * rng.standard_normal(16),
+        "bn.bias": 0.1 * rng.standard_normal(16),
+        "bn.mean": 0.1 * rng.standard_normal(16),
+        "bn.var": (1e4 * (1.0 + rng.random(16))) ** 2,
+    }
+    inits = [numpy_helper.from_array(w1, "conv1.weight"), numpy_helper.from_array(w2, "conv2.weight")]
+    inits += [numpy_helper.from_array(v.astype(np.float32), k) for k, v in bn.items()]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.weight"], ["c1"], pads=[1, 1, 1, 1]),
+        _bn_node("c1", "b1"),
+        helper.make_node("Relu", ["b1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "conv2.weight"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    x = helper.make_tensor_value_info("x", F32, [None, 3, 16, 16])
+    y = helper.make_tensor_value_info("y", F32, [None, 8, 16, 16])
+    # Inputs of the scale BN's variance expects: activations of ~1e4.
+    return _model(nodes, inits, [x], [y])
+
+
+@pytest.mark.parametrize("allocate", [True, False])
+def test_folding_a_tiny_scale_batchnorm_never_costs_fidelity(allocate: bool) -> None:
+    """Folded weights get the step their unfolded weights would have had: folding s ~ 1e-4 into
+    conv1 must not round conv1 to zero (one absolute step for all weights did: 0 dB)."""
+    model = _tiny_scale_bn_model()
+    x = (1e4 * np.random.default_rng(4).standard_normal((4, 3, 16, 16))).astype(np.float32)
+    reference = _run(model, {"x": x})
+    options = nnc_tool.EncodeOptions(qp=-32, allocate=allocate)
+
+    def snr(fold: bool) -> float:
+        prepared = nnc_tool.api.prepare_model(model, options, None, fold_batchnorm=fold)
+        assert prepared.folded == int(fold)
+        data, _ = nnc_tool.api.compress_model(prepared.model, options, plan_cache=prepared.plan_cache, moments=prepared.moments)
+        rebuilt = _run(nnc_tool.decompress_model(data), {"x": x})
+        return 10 * np.log10((reference**2).sum() / ((reference - rebuilt) ** 2).sum())
+
+    folded, unfolded = snr(True), snr(False)
+    assert unfolded > 30
+    assert folded > unfolded - 1.0
+
+
+def test_fold_reports_the_scale_of_every_rewritten_weight() -> None:
+    from nnc_tool.quantize.fold import fold_batchnorms
+
+    model = _tiny_scale_bn_model()
+    result = fold_batchnorms(model)
+    assert result.count == 1 and set(result.scales) == {"conv1.weight"}
+    bn = {t.name: t.array.astype(np.float64) for t in model.tensors if t.name.startswith("bn.")}
+    expected = np.abs(bn["bn.scale"] / np.sqrt(bn["bn.var"] + np.float32(1e-3)))
+    np.testing.assert_allclose(result.scales["conv1.weight"], expected, rtol=1e-12)

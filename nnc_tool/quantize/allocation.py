@@ -98,6 +98,8 @@ FULL_CALIBRATION_PARAMETERS = 2_000_000
 # plan_quantization's cache entry for fast calibration's measured moments (api.prepare_model
 # fills it in while BatchNorm is folded).
 MEASURED_MOMENTS = "measured_moments"
+# Plan-cache key of BatchNorm folding's per-channel weight scales (quantize/fold.py FoldResult.scales).
+FOLD_SCALES = "fold_scales"
 
 _QUANTIZABLE = (TensorRole.WEIGHT, TensorRole.NONWEIGHT)
 _FLOATS = ("float32", "float16", "bfloat16", "float64")
@@ -209,13 +211,17 @@ def allocate_qps(
     *,
     sensitivities: dict[str, float] | None = None,
     gains: dict[str, float] | None = None,
+    fold_shifts: dict[str, float] | None = None,
 ) -> dict[str, int]:
     """A QP for every quantizable WEIGHT and NONWEIGHT tensor, around `settings.qp`.
 
     With `calibration` (and `run_model`, or an ONNX model, which is run in onnxruntime) or
     precomputed `sensitivities`: the equal-slope rule on measured sensitivities. Otherwise the
     data-free proxy. `gains` (tensor -> factor <= 1) scale sensitivities for tensors whose
-    rounding error will be shaped (GPTQ) or partly cancelled (bias correction), measured or proxy. Deterministic.
+    rounding error will be shaped (GPTQ) or partly cancelled (bias correction), measured or proxy.
+    `fold_shifts` (weight -> `fold_qp_shift`) move the allowed window of a weight that BatchNorm
+    folding rescaled by that shift: the bound of +- MAX_QP_OFFSET holds for the QP the unfolded
+    weight would have had. Deterministic.
     """
     tensors = [t for t in model.tensors if _quantizable(t)]
     weights = [t for t in tensors if t.role == TensorRole.WEIGHT]
@@ -241,6 +247,11 @@ def allocate_qps(
                 continue
             raw[t.name] = -np.inf if s == np.inf else (np.inf if s <= 0 else 2.0 * np.log2(t.array.size / s))
 
+    # The allocation works on the unfolded-equivalent QPs (the rule's constant and the window of
+    # +- MAX_QP_OFFSET hold for the weights as trained); folding's shift is added back at the end.
+    fold_shifts = {name: shift for name, shift in (fold_shifts or {}).items() if name in raw}
+    for name, shift in fold_shifts.items():
+        raw[name] -= shift
     finite = [t for t in weights if np.isfinite(raw.get(t.name, np.nan))]
     if finite:
         sizes = np.array([t.array.size for t in finite], dtype=np.float64)
@@ -261,8 +272,17 @@ def allocate_qps(
         centre = settings.qp if t.role == TensorRole.WEIGHT else fixed_nonweight
         lo, hi = (low, high) if t.role == TensorRole.WEIGHT else (centre - MAX_QP_OFFSET, settings.qp + MAX_QP_OFFSET)
         qp = float(np.clip(value + offset, lo, hi)) if np.isfinite(value) else (hi if value > 0 else lo)
+        qp += fold_shifts.get(t.name, 0.0)
         qps[t.name] = int(np.clip(np.rint(qp), *QP_RANGE))
     return qps
+
+
+def fold_qp_shift(scales: np.ndarray) -> float:
+    """How far (in QP) BatchNorm folding moved a weight's natural step: 4 log2 of the median |s|
+    of its output channels (median: a few dead channels with huge s must not set it)."""
+    scales = np.abs(np.asarray(scales, dtype=np.float64))
+    scales = scales[scales > 0]
+    return 4.0 * float(np.log2(np.median(scales))) if scales.size else 0.0
 
 
 def tensor_settings(model: Model, settings: QuantSettings, qps: dict[str, int]) -> dict[str, QuantSettings]:
@@ -383,6 +403,10 @@ def plan_quantization(
                 cache["sensitivities"] = probes.result() if probes else measure_sensitivities(model, calibration, run_model)
             sensitivities = cache["sensitivities"]
     qps: dict[str, int] = {}
+    tensor_names = {t.name for t in model.tensors if t.role == TensorRole.WEIGHT and _quantizable(t)}
+    fold_shifts = {
+        name: fold_qp_shift(scales) for name, scales in cache.get(FOLD_SCALES, {}).items() if name in tensor_names
+    }
     estimated = {} if feedback or not error_feedback else _estimated_feedback(model, settings, moments)
     inputs = layer_inputs(model, moments) if settings.bias_correction and moments else {}
     # Error feedback already cancels the mean shift as the calibration data has it; the BatchNorm
@@ -405,8 +429,13 @@ def plan_quantization(
             for name, (factor, kernel) in estimated.items()
         })
         qps = allocate_qps(
-            model, settings, calibration if calibrated else None, run_model, sensitivities=sensitivities, gains=gains
+            model, settings, calibration if calibrated else None, run_model, sensitivities=sensitivities, gains=gains,
+            fold_shifts=fold_shifts,
         )
+    else:
+        # One QP for every weight means one QP for the weights as the model was trained, before
+        # folding rescaled some of them.
+        qps = {name: int(np.clip(np.rint(settings.qp + shift), *QP_RANGE)) for name, shift in fold_shifts.items()}
     per_tensor = tensor_settings(model, settings, qps)
     tensors, compensated = [], []
     for t in model.tensors:

@@ -54,7 +54,7 @@ from ..formats import onnx_format
 from ..graph.onnx_util import STANDARD_DOMAINS
 from ..model import Model
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["FoldResult", "fold_batchnorm", "fold_batchnorms"]
 
 _LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _FLOAT_TYPES = frozenset(
@@ -63,20 +63,42 @@ _FLOAT_TYPES = frozenset(
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 
 
-def fold_batchnorm(model: Model) -> tuple[Model, int]:
-    """Fold every foldable BatchNormalization of an ONNX model; returns (model, number folded).
+@dataclass
+class FoldResult:
+    """A model with its BatchNorms folded, and what folding did to the weights' scale.
+
+    `scales` maps each rewritten weight to |s| per output channel (float64): W' = W * s. The
+    quantization plan reads them to give a folded weight the step the unfolded one would have
+    had (a BN whose s is 1e-4 shrinks its conv's weights 10^4-fold; one absolute step for all
+    weights would round them to zero).
+    """
+
+    model: Model
+    count: int
+    scales: dict[str, np.ndarray]
+
+
+def fold_batchnorms(model: Model) -> FoldResult:
+    """Fold every foldable BatchNormalization of an ONNX model.
 
     The input model is not modified. When nothing is folded (or the model is not ONNX) the
-    model itself is returned with 0.
+    model itself is returned with count 0.
     """
     if model.format != onnx_format.FORMAT_NAME or b"BatchNormalization" not in model.topology:
         # The topology alone tells: no need to assemble (and copy) every weight.
-        return model, 0
+        return FoldResult(model, 0, {})
     proto = onnx_format.to_proto(model)
-    folded = _Folder(proto).run()
+    folder = _Folder(proto)
+    folded = folder.run()
     if not folded:
-        return model, 0
-    return onnx_format.from_proto(proto, dict(model.metadata)), folded
+        return FoldResult(model, 0, {})
+    return FoldResult(onnx_format.from_proto(proto, dict(model.metadata)), folded, folder.scales)
+
+
+def fold_batchnorm(model: Model) -> tuple[Model, int]:
+    """`fold_batchnorms` as (model, number folded)."""
+    result = fold_batchnorms(model)
+    return result.model, result.count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,6 +224,7 @@ class _Folder:
         self.node_names: set[str] = set()
         _all_names(graph, self.names, self.node_names)
         self.removed: set[int] = set()  # id() of nodes to drop
+        self.scales: dict[str, np.ndarray] = {}  # weight name -> |s| per output channel
         self.added_after: dict[int, onnx.NodeProto] = {}  # id(BN node) -> node replacing it
         # Initializers are added/removed only at the end, so the TensorProtos held in `consts`
         # stay the ones in the graph while folding:
@@ -343,6 +366,7 @@ class _Folder:
 
         # Everything checked: rewrite.
         _set_array(weight.tensor, scale_w(w, s))
+        self.scales[weight.name] = np.abs(s)
         out = bn.output[0]
         if layer.op_type == "MatMul":
             self._add_matmul_bias(layer, bn, weight, bias)
