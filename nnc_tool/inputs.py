@@ -453,6 +453,10 @@ def _choose_dimensions(model: Model, signature: list[InputSpec], plans) -> dict:
     keys = sorted({key for plan in plans for key, _ in plan if key is not None})
     if not keys:
         return {}
+    batch_names = {
+        name for spec, plan in zip(signature, plans) for (key, size), name in zip(plan, spec.dim_names or ())
+        if key is None and size == 1 and name
+    }
     rows = [
         {key: (_SPATIAL_CANDIDATES if key[0] == "spatial" else _SEQUENCE_CANDIDATES)[k] for key in keys}
         for k in range(len(_SPATIAL_CANDIDATES))
@@ -471,11 +475,25 @@ def _choose_dimensions(model: Model, signature: list[InputSpec], plans) -> dict:
             shape = tuple(row.get(key, value) if key is not None else value for key, value in plan)
             feeds[spec.name] = np.zeros(shape, dtype=spec.dtype) if spec.dtype.kind != "f" else np.full(shape, 0.1, spec.dtype)
         try:
-            session.run(None, feeds)
+            outputs = session.run(None, feeds)
         except Exception:  # this size does not fit the graph: try the next
             continue
-        return row
+        if all(_fits(np.asarray(o), meta.shape, batch_names) for o, meta in zip(outputs, session.get_outputs())):
+            return row
     return rows[0]
+
+
+def _fits(output: np.ndarray, declared, batch_names: set[str]) -> bool:
+    """An output of a one-sample trial run has the declared fixed sizes and batch 1 on batch axes
+    (a Reshape to [-1, k] may accept a wrong size by moving it into the batch axis)."""
+    if not declared or len(declared) != output.ndim:
+        return True
+    for size, want in zip(output.shape, declared):
+        if isinstance(want, int) and want > 0 and size != want:
+            return False
+        if isinstance(want, str) and want in batch_names and size != 1:
+            return False
+    return True
 
 
 class _GraphFacts:
