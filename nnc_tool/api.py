@@ -29,15 +29,19 @@ from .fileio import atomic_output, release_pages, same_file
 from .formats import FORMATS, check_output_suffix, model_files, read_model, write_model
 from .graph.activation_stats import ChannelMoments, channel_moments
 from .graph.measured_stats import measure_channel_moments
+from .inputs import ModelInputs, as_model_inputs, run_model
 from .model import Model, TensorRole
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorms
-from .quantize.allocation import FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization, run_onnx
+from .quantize.allocation import FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization
 from .ratecontrol import RateControlReport, RateTarget, Trial, search_qp
 from .quantize.uniform import QuantSettings, effective_nonweight_qp
 
 EncodeOptions = QuantSettings
 Progress = Callable[[int, int], None]
+# Model inputs as the API takes them: ModelInputs (nnc_tool.inputs.load_inputs / read_inputs), a
+# mapping of arrays by input name, or a bare array for a one-input model.
+Inputs = ModelInputs | dict | np.ndarray
 
 
 @dataclass
@@ -132,7 +136,7 @@ def write_bitstream(
     sink: BinaryIO,
     options: EncodeOptions | None = None,
     original_bytes: int = 0,
-    calibration: np.ndarray | None = None,
+    calibration: Inputs | None = None,
     progress: Progress | None = None,
     plan_cache: dict | None = None,
     moments: dict[str, ChannelMoments] | None = None,
@@ -209,7 +213,7 @@ class PreparedModel:
 def prepare_model(
     model: Model,
     options: EncodeOptions | None = None,
-    calibration: np.ndarray | None = None,
+    calibration: Inputs | None = None,
     fold_batchnorm: bool = True,
 ) -> PreparedModel:
     """Read what the encode needs before BatchNorm folding removes it, then fold.
@@ -222,8 +226,8 @@ def prepare_model(
     Digits ResNet-18, median of 10: 0.22 s one after the other, 0.17 s side by side.
     """
     options = options or EncodeOptions()
-    calibrated = calibration is not None and np.asarray(calibration).size > 0
-    fast = calibrated and fast_calibration(model, options)
+    calibration = _calibration_inputs(calibration, model)
+    fast = calibration is not None and fast_calibration(model, options)
     cache: dict = {}
     with ThreadPoolExecutor(max_workers=1) as pool:
         measuring = pool.submit(measure_channel_moments, model, calibration) if fast else None
@@ -244,7 +248,7 @@ def compress_model(
     model: Model,
     options: EncodeOptions | None = None,
     original_bytes: int = 0,
-    calibration: np.ndarray | None = None,
+    calibration: Inputs | None = None,
     progress: Progress | None = None,
     plan_cache: dict | None = None,
     moments: dict[str, ChannelMoments] | None = None,
@@ -275,15 +279,17 @@ def encode(
     options: EncodeOptions | None = None,
     pruning: PruneConfig | None = None,
     fold_batchnorm: bool = True,
-    calibration: np.ndarray | None = None,
+    calibration: Inputs | None = None,
     progress: Progress | None = None,
     target: RateTarget | None = None,
-    evaluation: tuple[np.ndarray, np.ndarray] | None = None,
+    evaluation: ModelInputs | tuple[np.ndarray, np.ndarray] | None = None,
 ) -> EncodeReport:
     """Compress a model file into an nnc bitstream written atomically to `output_path`.
 
-    `pruning` runs the pruning stage before quantization; `calibration` (model inputs) lets
-    quantization measure each tensor's sensitivity and compensate rounding errors.
+    `pruning` runs the pruning stage before quantization; `calibration` (model inputs, see
+    `Inputs`: arrays named after the model's inputs) lets quantization measure each tensor's
+    sensitivity and compensate rounding errors; inputs that do not fit the model are a UsageError
+    before anything is written.
     `fold_batchnorm` folds ONNX
     BatchNormalization nodes into the preceding layer first (the decoded model computes the same
     function with fewer tensors; never with `lossless`). With `output_path=None` nothing is
@@ -291,14 +297,18 @@ def encode(
 
     `target` (rate control) replaces `options.qp` by the QP that meets it: the finest QP whose
     bitstream fits a size or ratio target, the coarsest whose decoded model keeps an output SNR
-    on `calibration` inputs or an accuracy on `evaluation` = (inputs, labels). Quality targets
-    run the model in onnxruntime, so they need an ONNX model.
+    on `calibration` inputs or an accuracy on `evaluation` (ModelInputs with labels, or a tuple
+    (inputs, labels)). Quality targets run the model in onnxruntime, so they need an ONNX model.
     """
     started = time.perf_counter()
     model_path = Path(model_path)
     if output_path is not None and same_file(model_path, output_path):
         raise UsageError(output_path, "output would overwrite the input model")
     model = read_model(model_path)
+    calibration = _calibration_inputs(calibration, model)
+    if isinstance(evaluation, tuple):
+        evaluation = ModelInputs({"x": np.asarray(evaluation[0])}, labels=None if evaluation[1] is None else np.asarray(evaluation[1]))
+    evaluation = as_model_inputs(evaluation, model)
     original_bytes = model_file_bytes(model_path, model)
     prune_report = None
     if pruning is not None and (pruning.sparsity > 0 or pruning.method == "nm"):
@@ -342,8 +352,8 @@ def _control_rate(
     options: EncodeOptions,
     target: RateTarget,
     original_bytes: int,
-    calibration: np.ndarray | None,
-    evaluation: tuple[np.ndarray, np.ndarray] | None,
+    calibration: ModelInputs | None,
+    evaluation: ModelInputs | None,
     plan_cache: dict,
     moments: dict[str, ChannelMoments],
 ) -> RateControlReport:
@@ -353,20 +363,20 @@ def _control_rate(
     if target.snr_db is not None:
         if calibration is None:
             raise UsageError(None, "an SNR target needs calibration inputs (--calib) to measure the output on")
-        inputs = np.asarray(calibration)
+        inputs = calibration
     elif target.max_accuracy_drop is not None:
-        if evaluation is None or evaluation[1] is None:
-            raise UsageError(None, "an accuracy target needs labelled data (--data with 'x' and 'y')")
-        inputs, labels = evaluation
+        if evaluation is None or evaluation.labels is None:
+            raise UsageError(None, "an accuracy target needs labelled data (--data with the model's inputs and labels 'y')")
+        inputs, labels = evaluation, evaluation.labels
     if inputs is not None and model.format != "onnx":
         raise UsageError(model_path, f"quality targets run the model in onnxruntime; this is a {model.format} model")
-    reference = None if inputs is None else run_onnx(model, inputs)
+    reference = None if inputs is None else _all_outputs(model, inputs)
 
     def measure(qp: int) -> Trial:
         data, _ = compress_model(model, replace(options, qp=qp), original_bytes, calibration, plan_cache=plan_cache, moments=moments)
         trial = Trial(qp, len(data))
         if reference is not None:
-            quality = compare_outputs(reference, run_onnx(decompress_model(data), inputs), labels)
+            quality = compare_outputs(reference, _all_outputs(decompress_model(data), inputs), labels)
             trial.snr_db, trial.accuracy = quality.output_snr_db, quality.accuracy_rebuilt
         return trial
 
@@ -375,6 +385,20 @@ def _control_rate(
         return search_qp(target, measure, original_bytes, original_accuracy)
     except UsageError as err:
         raise UsageError(model_path, err.problem) from None
+
+
+def _calibration_inputs(calibration: Inputs | None, model: Model) -> ModelInputs | None:
+    """Calibration inputs bound to the model; None for none or no samples."""
+    if calibration is None or (isinstance(calibration, np.ndarray) and calibration.size == 0):
+        return None
+    bound = as_model_inputs(calibration, model)
+    return bound if len(bound) else None
+
+
+def _all_outputs(model: Model, inputs: ModelInputs) -> list[np.ndarray]:
+    """Every output of the model on `inputs`, all samples in one run where they batch (as the
+    calibration runs do; the reference and every trial see the same batching)."""
+    return run_model(model, inputs, batch_size=max(len(inputs), 1))
 
 
 def decode(bitstream_path: str | os.PathLike, output_path: str | os.PathLike) -> DecodeReport:

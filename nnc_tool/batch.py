@@ -27,6 +27,7 @@ import numpy as np
 
 from . import api
 from .errors import NncError, UsageError
+from .inputs import ModelInputs
 
 
 @dataclass
@@ -91,10 +92,10 @@ def encode_one(
     options: api.EncodeOptions | None = None,
     pruning=None,
     fold_batchnorm: bool = True,
-    calibration: np.ndarray | None = None,
+    calibration: ModelInputs | np.ndarray | None = None,
     progress: api.Progress | None = None,
     target: api.RateTarget | None = None,
-    evaluation: tuple[np.ndarray, np.ndarray] | None = None,
+    evaluation: ModelInputs | tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Outcome:
     """Encode one file; every failure but an interrupt becomes the Outcome's error text."""
     try:
@@ -117,12 +118,12 @@ def encode_many(
     options: api.EncodeOptions | None = None,
     pruning=None,
     fold_batchnorm: bool = True,
-    calibration: np.ndarray | None = None,
+    calibration: ModelInputs | np.ndarray | None = None,
     jobs: int = 1,
     on_done: Callable[[Outcome], None] | None = None,
     job: Job = encode_one,
     target: api.RateTarget | None = None,
-    evaluation: tuple[np.ndarray, np.ndarray] | None = None,
+    evaluation: ModelInputs | tuple[np.ndarray, np.ndarray] | None = None,
 ) -> BatchResult:
     """Encode every input to OUTDIR/<stem>.nnc, `jobs` at a time in worker processes.
 

@@ -16,7 +16,8 @@ from . import __version__, api
 from .batch import encode_many
 from .bench import bench as run_bench
 from .bench.gates import Gates, check_report, check_sweep, summarize
-from .bench.runner import BenchReport, load_eval_data
+from .bench.runner import BenchReport
+from .inputs import read_inputs
 from .bench.sweep import SweepReport, parse_sparsities, parse_sweep, sweep
 from .coding.report import describe_entropy_report
 from .errors import NncError, UsageError
@@ -141,8 +142,9 @@ def pruning_options(command):
         click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
                      help="How much each layer loses (sensitivity needs --calib)."),
         click.option("--calib", type=click.Path(dir_okay=False), default=None,
-                     help=".npz with calibration inputs 'x' (a few hundred samples): pruning ranks and refits with "
-                          "it, quantization measures tensor sensitivities and compensates rounding errors."),
+                     help=".npz with calibration inputs (a few hundred samples), arrays named after the model's inputs"
+                          " ('x' for a one-input model), first axis = samples: pruning ranks and refits with it,"
+                          " quantization measures tensor sensitivities and compensates rounding errors."),
         click.option("--no-refit", is_flag=True, help="Do not refit the next layers by least squares after pruning."),
         click.option("--shapley-permutations", type=click.IntRange(1, 10000), default=16, show_default=True,
                      help="Budget of the Shapley estimator: permutations per layer."),
@@ -166,7 +168,7 @@ def _pruning(prune_method: str | None, sparsities: tuple[float, ...], scope: str
     except ValueError:
         raise UsageError(None, f"--nm expects K:N such as 2:4, got {nm!r}") from None
     if calibration is None and calib:
-        calibration = load_eval_data(calib)[0]
+        calibration = read_inputs(calib)
     try:
         return PruneConfig(method=prune_method, sparsity=sparsity, scope=scope, nm=(k, n), nm_granularity=nm_granularity,
                            importance=importance, allocation=allocation, calibration=calibration, refit=not no_refit,
@@ -196,7 +198,8 @@ def rate_control_options(command):
         click.option("--max-acc-drop", type=click.FloatRange(0.0, 100.0), default=None, metavar="P",
                      help="Rate control: the coarsest QP losing at most P accuracy points on --data (ONNX)."),
         click.option("--data", type=click.Path(dir_okay=False), default=None,
-                     help=".npz with inputs 'x' and labels 'y' for --max-acc-drop."),
+                     help=".npz for --max-acc-drop: inputs named after the model's inputs ('x' for a one-input"
+                          " model) and labels 'y'."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -296,8 +299,8 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
     target = _rate_target(target_size, target_ratio, target_snr, max_acc_drop)
     if data is not None and max_acc_drop is None:
         raise UsageError(data, "--data is only used by --max-acc-drop when encoding")
-    calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
-    evaluation = load_eval_data(data) if data is not None else None
+    calibration = read_inputs(prune_options["calib"]) if prune_options["calib"] else None
+    evaluation = read_inputs(data) if data is not None else None
     settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo, no_error_feedback,
                          no_bias_correction, dq, kernel_correlation, calib_mode)
     pruning = _pruning(calibration=calibration, **prune_options)
@@ -464,7 +467,8 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
 @click.option("--nnc", "nnc_path", type=click.Path(dir_okay=False), default=None,
               help="Bitstream of MODEL to measure (default: encode MODEL with the options below).")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help=".npz with inputs 'x' and optional integer labels 'y'.")
+              help=".npz with inputs named after the model's inputs ('x' for a one-input model), first axis ="
+                   " samples, and optional integer labels 'y' (default: probe inputs synthesised from the graph).")
 @quantization_options
 @pruning_options
 @click.option("--no-fold-bn", is_flag=True, help="Keep ONNX BatchNormalization nodes.")
@@ -506,7 +510,7 @@ def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight
     if fail_below_accuracy is not None:
         if data is None:
             raise UsageError(None, "--fail-below-accuracy needs --data with labels 'y'")
-        if load_eval_data(data)[1] is None:
+        if read_inputs(data).labels is None:
             raise UsageError(data, "--fail-below-accuracy needs labels 'y' in the data file")
     sparsities = prune_options["sparsities"]
     method = prune_options["prune_method"]
@@ -523,7 +527,7 @@ def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight
         from .bench.plot import check_plot_target
 
         check_plot_target(plot_path)  # before the sweep, not after minutes of work
-    calibration = load_eval_data(prune_options["calib"])[0] if prune_options["calib"] else None
+    calibration = read_inputs(prune_options["calib"]) if prune_options["calib"] else None
     settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo, no_error_feedback,
                          no_bias_correction, dq, kernel_correlation, calib_mode)
     pruning = _pruning(calibration=calibration, **prune_options)

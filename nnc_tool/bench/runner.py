@@ -13,12 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NncError, UsageError
+from ..errors import UsageError
 from ..formats import FORMATS, read_model
+from ..inputs import ModelInputs, bind_inputs, probe_inputs, read_inputs
 from ..model import Model
 
 RUNNABLE_FORMATS = ("onnx", "torchscript", "torch-export")
-Runner = Callable[[np.ndarray], np.ndarray]
+Feeds = dict[str, np.ndarray]
+# Samples per run when predicting on evaluation inputs that batch.
+PREDICT_BATCH = 256
+# Probe inputs bench synthesises without --data (nnc_tool.inputs.probe_inputs).
+PROBE_SAMPLES = 64
 
 
 @dataclass
@@ -59,25 +64,30 @@ class BenchReport:
 
 
 def load_eval_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """Arrays `x` (inputs) and optional `y` (integer labels) from an .npz file, never unpickling."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive.files:
-                raise UsageError(path, f"data file has no array 'x' (found: {', '.join(archive.files) or 'none'})")
-            inputs = archive["x"]
-            labels = archive["y"] if "y" in archive.files else None
-    except NncError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise UsageError(path, f"cannot read data file ({exc})") from None
-    if labels is not None and len(labels) != len(inputs):
-        raise UsageError(path, f"'x' has {len(inputs)} samples but 'y' has {len(labels)}")
-    return inputs, labels
+    """The one input array and optional labels `y` of a one-input model's .npz (legacy layout:
+    `x` and `y`; see nnc_tool.inputs.read_inputs for files named after a model's inputs)."""
+    inputs = read_inputs(path)
+    if len(inputs.arrays) != 1:
+        raise UsageError(path, f"data file has {len(inputs.arrays)} input arrays ({', '.join(inputs.names)}); one was expected")
+    return inputs.single, inputs.labels
 
 
-def make_runner(model_path: Path, fmt: str, threads: int = 1) -> Runner:
-    """A callable that maps a batch of inputs to outputs (the first output) for a runnable model."""
+class ModelRunner:
+    """Runs a model file: `run(feeds)` returns every output of one run (feeds by input name);
+    calling it with a bare batch (a one-input model) returns the first output."""
+
+    def __init__(self, run: Callable[[Feeds], list[np.ndarray]], input_names: list[str] | None) -> None:
+        self.run = run
+        self.input_names = input_names
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.input_names is not None and len(self.input_names) != 1:
+            raise UsageError(None, f"this model has {len(self.input_names)} inputs: run it with named feeds")
+        return np.asarray(self.run({self.input_names[0] if self.input_names else "x": batch})[0])
+
+
+def make_runner(model_path: Path, fmt: str, threads: int = 1) -> ModelRunner:
+    """A runner of a runnable model file (ONNX in onnxruntime, TorchScript / .pt2 in torch)."""
     if fmt == "onnx":
         import onnxruntime as ort
 
@@ -85,16 +95,13 @@ def make_runner(model_path: Path, fmt: str, threads: int = 1) -> Runner:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
-        input_meta = session.get_inputs()
-        if len(input_meta) != 1:
-            raise UsageError(model_path, f"bench supports models with one input; this one has {len(input_meta)}")
-        name = input_meta[0].name
-        element_type = _ORT_TYPES.get(input_meta[0].type, np.float32)
+        declared = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
 
-        def run_onnx(batch: np.ndarray) -> np.ndarray:
-            return np.asarray(session.run(None, {name: batch.astype(element_type, copy=False)})[0])
+        def run_onnx(feeds: Feeds) -> list[np.ndarray]:
+            feeds = {n: a if declared.get(n) is None else a.astype(declared[n], copy=False) for n, a in feeds.items()}
+            return [np.asarray(o) for o in session.run(None, feeds)]
 
-        return run_onnx
+        return ModelRunner(run_onnx, list(declared))
 
     import torch
 
@@ -109,30 +116,39 @@ def make_runner(model_path: Path, fmt: str, threads: int = 1) -> Runner:
     else:
         raise UsageError(model_path, f"a {FORMATS[fmt].description} holds no runnable graph")
 
-    def run_torch(batch: np.ndarray) -> np.ndarray:
+    def run_torch(feeds: Feeds) -> list[np.ndarray]:
+        # PyTorch modules take their inputs by position: the arrays in the data file's order.
         with torch.inference_mode():
-            output = module(torch.from_numpy(np.ascontiguousarray(batch)))
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        return output.detach().float().numpy()
+            output = module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in feeds.values()))
+        outputs = output if isinstance(output, (tuple, list)) else [output]
+        return [o.detach().float().numpy() for o in outputs if isinstance(o, torch.Tensor)]
 
-    return run_torch
-
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+    return ModelRunner(run_torch, None)
 
 
-def measure_latency(run: Runner, batch: np.ndarray, runs: int, warmup: int) -> LatencyStats:
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+}
+
+
+def measure_latency(run: ModelRunner | Callable, batch: np.ndarray | Feeds, runs: int, warmup: int,
+                    batch_size: int | None = None) -> LatencyStats:
+    """Timings of `run` on one batch: a bare array (a runner's call) or feeds by input name
+    (`run.run`); `batch_size` is the samples the batch holds (default: its length)."""
+    call = run.run if isinstance(batch, dict) and isinstance(run, ModelRunner) else run
     for _ in range(warmup):
-        run(batch)
+        call(batch)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        run(batch)
+        call(batch)
         times.append((time.perf_counter() - start) * 1000.0)
     times.sort()
+    if batch_size is None:
+        batch_size = len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch)
     return LatencyStats(
-        batch_size=len(batch),
+        batch_size=batch_size,
         runs=runs,
         median_ms=statistics.median(times),
         p10_ms=times[int(0.1 * (runs - 1))],
@@ -140,24 +156,48 @@ def measure_latency(run: Runner, batch: np.ndarray, runs: int, warmup: int) -> L
     )
 
 
-def predict(run: Runner, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    return np.concatenate([run(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+def predict(run: ModelRunner | Callable, inputs: np.ndarray | ModelInputs, batch_size: int = PREDICT_BATCH):
+    """Outputs on all inputs: for a bare array the first output (concatenated batches); for
+    ModelInputs every output, joined as nnc_tool.inputs.ModelInputs.combine says."""
+    if not isinstance(inputs, ModelInputs):
+        return np.concatenate([run(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    return inputs.combine([run.run(inputs.feeds(start, stop)) for start, stop in inputs.ranges(batch_size)])
 
 
-def compare_outputs(original: np.ndarray, rebuilt: np.ndarray, labels: np.ndarray | None) -> QualityStats:
-    original = original.reshape(len(original), -1).astype(np.float64)
-    rebuilt = rebuilt.reshape(len(rebuilt), -1).astype(np.float64)
-    noise = float(((original - rebuilt) ** 2).sum())
-    signal = float((original**2).sum())
+def compare_outputs(original: np.ndarray | list[np.ndarray], rebuilt: np.ndarray | list[np.ndarray],
+                    labels: np.ndarray | None) -> QualityStats:
+    """Fidelity of `rebuilt` outputs to `original` (one array, or every output of the model):
+    the output SNR over all float outputs; top-1 agreement and accuracy on `labels` from the
+    first output when it looks like logits (float, one row of more than one score per sample)."""
+    originals = [np.asarray(original)] if isinstance(original, np.ndarray) else [np.asarray(o) for o in original]
+    rebuilts = [np.asarray(rebuilt)] if isinstance(rebuilt, np.ndarray) else [np.asarray(o) for o in rebuilt]
+    noise = signal = 0.0
+    for a, b in zip(originals, rebuilts):
+        if not np.issubdtype(a.dtype, np.floating):
+            continue
+        a = a.reshape(max(len(a), 1) if a.ndim else 1, -1).astype(np.float64)
+        b = b.reshape(a.shape).astype(np.float64)
+        noise += float(((a - b) ** 2).sum())
+        signal += float((a**2).sum())
     snr = float("inf") if noise == 0 else 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
-    stats = QualityStats(samples=len(original), output_snr_db=snr)
-    if original.shape[1] > 1:
-        stats.top1_agreement = 100.0 * float((original.argmax(1) == rebuilt.argmax(1)).mean())
+    first = originals[0]
+    stats = QualityStats(samples=len(first) if first.ndim else 1, output_snr_db=snr)
+    if _looks_like_logits(first):
+        scores = first.reshape(len(first), -1)
+        other = rebuilts[0].reshape(scores.shape)
+        stats.top1_agreement = 100.0 * float((scores.argmax(1) == other.argmax(1)).mean())
         if labels is not None:
             labels = labels.reshape(-1)
-            stats.accuracy_original = 100.0 * float((original.argmax(1) == labels).mean())
-            stats.accuracy_rebuilt = 100.0 * float((rebuilt.argmax(1) == labels).mean())
+            stats.accuracy_original = 100.0 * float((scores.argmax(1) == labels).mean())
+            stats.accuracy_rebuilt = 100.0 * float((other.argmax(1) == labels).mean())
     return stats
+
+
+def _looks_like_logits(output: np.ndarray) -> bool:
+    """Float scores, more than one per sample, in one row per sample ([N, C], or [N, 1, ..., C])."""
+    if output.ndim < 2 or not np.issubdtype(output.dtype, np.floating) or output.shape[-1] < 2:
+        return False
+    return all(d == 1 for d in output.shape[1:-1])
 
 
 def weight_snr_db(original: Path | Model, rebuilt_path: Path) -> float | None:
@@ -184,16 +224,11 @@ def weight_snr_db(original: Path | Model, rebuilt_path: Path) -> float | None:
     return float("inf") if noise == 0 else 10.0 * float(np.log10(signal / noise))
 
 
-def random_inputs(model_path: Path, fmt: str, samples: int, seed: int = 0) -> np.ndarray:
-    """Standard-normal inputs shaped like the ONNX model's input (dynamic dimensions become 1)."""
+def random_inputs(model_path: Path, fmt: str, samples: int, seed: int = 0) -> ModelInputs:
+    """Probe inputs for an ONNX model file (nnc_tool.inputs.probe_inputs: shapes and value ranges from its graph)."""
     if fmt != "onnx":
-        raise UsageError(model_path, "needs --data to know the input shape of a PyTorch model")
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(os.fspath(model_path), providers=["CPUExecutionProvider"])
-    shape = [d if isinstance(d, int) and d > 0 else 1 for d in session.get_inputs()[0].shape]
-    shape[0] = samples
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        raise UsageError(model_path, "needs --data to know the inputs of a PyTorch model")
+    return probe_inputs(read_model(model_path), samples=samples, seed=seed)
 
 
 @dataclass
@@ -212,10 +247,11 @@ class Reference:
     warmup: int
     threads: int
     data_path: Path | None = None
-    inputs: np.ndarray | None = None
+    inputs: ModelInputs | None = None
     labels: np.ndarray | None = None
-    batch: np.ndarray | None = None  # the latency batch
-    outputs: np.ndarray | None = None
+    batch: Feeds | None = None  # the latency batch, by input name
+    batch_samples: int = 0  # samples in the latency batch
+    outputs: list[np.ndarray] | None = None  # every output of the original on `inputs`
     latency: LatencyStats | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -255,17 +291,23 @@ def prepare_reference(
         )
         return reference
     if data_path is not None:
-        reference.inputs, reference.labels = load_eval_data(data_path)
+        reference.inputs = bind_inputs(read_inputs(data_path), original)
+        if original.format != "onnx" and len(reference.inputs.arrays) != 1:
+            reference.notes.append(f"PyTorch model: the data file's arrays are passed by position ({', '.join(reference.inputs.names)})")
+        reference.labels = reference.inputs.labels
     else:
-        reference.inputs = random_inputs(model_path, reference.format, samples=max(batch_size, 64))
-        reference.notes.append("no --data: fidelity measured on random inputs")
-    batch = reference.inputs[:batch_size]
-    if len(batch) < batch_size:
-        batch = np.concatenate([batch] * (batch_size // max(len(batch), 1) + 1))[:batch_size]
-    reference.batch = batch
+        reference.inputs = random_inputs(model_path, reference.format, samples=max(batch_size, PROBE_SAMPLES))
+        reference.notes.append("no --data: fidelity measured on probe inputs synthesised from the graph's inputs")
+    inputs = reference.inputs
+    if not inputs.batchable and batch_size > 1:
+        batch_size = 1
+        reference.notes.append("latency at batch size 1: these inputs run one sample at a time")
+    if len(inputs) < batch_size:
+        inputs = inputs.repeat(batch_size // max(len(inputs), 1) + 1)
+    reference.batch, reference.batch_samples = inputs.feeds(0, batch_size), batch_size
     run = make_runner(model_path, reference.format, threads)
     with _runtime_errors(data_path or model_path):
-        reference.latency = measure_latency(run, batch, runs, warmup)
+        reference.latency = measure_latency(run, reference.batch, runs, warmup, batch_size)
         reference.outputs = predict(run, reference.inputs)
     return reference
 
@@ -300,7 +342,8 @@ def measure_rebuild(
             return report
         run_rebuilt = make_runner(rebuilt_path, fmt, reference.threads)
         with _runtime_errors(reference.data_path or reference.path):
-            report.latency_rebuilt = measure_latency(run_rebuilt, reference.batch, reference.runs, reference.warmup)
+            report.latency_rebuilt = measure_latency(run_rebuilt, reference.batch, reference.runs, reference.warmup,
+                                                     reference.batch_samples)
             outputs_rebuilt = predict(run_rebuilt, reference.inputs)
         report.latency_original = reference.latency
         report.quality = compare_outputs(reference.outputs, outputs_rebuilt, reference.labels)
@@ -335,7 +378,7 @@ def bench(
     threads: int = 1,
     pruning=None,
     fold_batchnorm: bool = True,
-    calibration: np.ndarray | None = None,
+    calibration: ModelInputs | np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
     reference: Reference | None = None,
 ) -> BenchReport:

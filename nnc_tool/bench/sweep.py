@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UsageError
+from ..inputs import ModelInputs
 from ..quantize.uniform import QuantSettings
 from .runner import BenchReport, LatencyStats, bench, compare_outputs, prepare_reference
 
@@ -130,7 +131,7 @@ class SweepReport:
     latency_original: LatencyStats | None
     accuracy_original: float | None  # percent; None without labels
     samples: int | None
-    data: str | None = None  # evaluation data; None = random inputs (no accuracy)
+    data: str | None = None  # evaluation data; None = probe inputs (no accuracy)
     points: list[SweepPoint] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -169,7 +170,7 @@ def sweep(
     batch_size: int = 1,
     threads: int = 1,
     fold_batchnorm: bool = True,
-    calibration: np.ndarray | None = None,
+    calibration: ModelInputs | np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_point: Callable[[SweepPoint], None] | None = None,
 ) -> SweepReport:

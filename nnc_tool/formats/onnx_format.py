@@ -575,19 +575,25 @@ def to_proto(model: Model, max_elements: int | None = None) -> onnx.ModelProto:
     return proto
 
 
+# Initializers up to this many values stay inline in runtime_proto.
+INLINE_ELEMENTS = 64
+
+
 def runtime_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The ModelProto for an onnxruntime session, without copying the main graph's weights.
 
     Main-graph initializers are declared as external data and returned as arrays by name, to
     be handed to the session directly (`graph.onnx_util.cpu_session(..., initializers=)`);
-    other tensors (Constant nodes, subgraphs) are inline. ResNet-18: 0.01 s instead of 0.1 s
-    for `to_proto` and serialisation.
+    other tensors (Constant nodes, subgraphs) and initializers of at most INLINE_ELEMENTS values
+    are inline (onnxruntime's shape inference reads axes and shape constants such as Unsqueeze's
+    and cannot read external ones). ResNet-18: 0.01 s instead of 0.1 s for `to_proto` and
+    serialisation.
     """
     proto, slots, arrays = _assemble(model, None)
     main = {init.name for init in proto.graph.initializer}
     handed: dict[str, np.ndarray] = {}
     for slot, array in zip(slots, arrays):
-        if slot.is_initializer and slot.key[0] == 0 and slot.name in main:
+        if slot.is_initializer and slot.key[0] == 0 and slot.name in main and array.size > INLINE_ELEMENTS:
             slot.proto.data_location = onnx.TensorProto.EXTERNAL
             entry = slot.proto.external_data.add()
             entry.key, entry.value = "location", "in-memory"

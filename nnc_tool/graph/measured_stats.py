@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..inputs import ModelInputs, as_model_inputs
 from ..model import Model
 from .activation_stats import ChannelMoments
-from .onnx_util import STANDARD_DOMAINS, as_session_input, cpu_session
+from .onnx_util import STANDARD_DOMAINS, cpu_session
 
 __all__ = ["MEASURED_SAMPLES", "measure_channel_moments"]
 
@@ -69,28 +70,32 @@ class _Accumulator:
         return ChannelMoments(mean, var, covariance)
 
 
-def measure_channel_moments(model: Model, calibration: np.ndarray, samples: int = MEASURED_SAMPLES) -> dict[str, ChannelMoments]:
+def measure_channel_moments(
+    model: Model, calibration: ModelInputs | np.ndarray, samples: int = MEASURED_SAMPLES
+) -> dict[str, ChannelMoments]:
     """Channel moments of the input of every Conv and Gemm of an ONNX model's main graph, measured
     on the first `samples` calibration inputs (by activation name; see the module docstring).
 
-    Empty when the model is not ONNX, has other than one data input, or there is no data.
-    The weights go to onnxruntime without a copy into the graph (formats.onnx_format.runtime_proto);
-    onnxruntime releases the GIL, so the pass can run beside other work in a thread.
+    `calibration`: ModelInputs, or a bare array for a one-input model (nnc_tool.inputs); samples
+    run BATCH_SAMPLES at a time where they batch, else one by one. Empty when the model is not
+    ONNX or there is no data. The weights go to onnxruntime without a copy into the graph
+    (formats.onnx_format.runtime_proto); onnxruntime releases the GIL, so the pass can run beside
+    other work in a thread.
     """
     import onnxruntime as ort
     from onnx import helper
 
     from ..formats.onnx_format import runtime_proto
 
-    x = np.asarray(calibration)[:samples]
-    if model.format != "onnx" or x.size == 0:
+    if model.format != "onnx" or calibration is None or (isinstance(calibration, np.ndarray) and calibration.size == 0):
+        return {}
+    x = as_model_inputs(calibration, model).head(samples)
+    if len(x) == 0:
         return {}
     proto, weights = runtime_proto(model)
     graph = proto.graph
     constant_outputs = {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output}
-    data_inputs = [i.name for i in graph.input if i.name not in weights]
-    if len(data_inputs) != 1:
-        return {}
+    data_inputs = set(x.names)
     feeds_conv: dict[str, bool] = {}
     for node in graph.node:
         if node.domain not in STANDARD_DOMAINS or node.op_type not in ("Conv", "Gemm") or not node.input:
@@ -101,19 +106,17 @@ def measure_channel_moments(model: Model, calibration: np.ndarray, samples: int 
     if not feeds_conv:
         return {}
     existing = {o.name for o in graph.output}
-    for name in sorted(set(feeds_conv) - existing - set(data_inputs)):
+    for name in sorted(set(feeds_conv) - existing - data_inputs):
         graph.output.append(helper.make_empty_tensor_value_info(name))
     # Without graph optimisations the session is built in 0.01 s instead of 0.05 s (ResNet-18)
     # and runs 1.5x longer; building holds the GIL, running does not (it overlaps BatchNorm folding).
     session = cpu_session(proto, optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, initializers=weights)
-    declared = session.get_inputs()[0]
     names = [o.name for o in session.get_outputs() if o.name in feeds_conv]
     sums: dict[str, _Accumulator] = {}
-    for start in range(0, len(x), BATCH_SAMPLES):
-        batch = as_session_input(x[start : start + BATCH_SAMPLES], declared.type)
-        values = dict(zip(names, session.run(names, {declared.name: batch}))) if names else {}
-        if declared.name in feeds_conv:
-            values[declared.name] = batch
+    for start, stop in x.ranges(BATCH_SAMPLES):
+        batch = x.feeds(start, stop)
+        values = dict(zip(names, session.run(names, batch))) if names else {}
+        values.update({name: batch[name] for name in data_inputs if name in feeds_conv})
         for name, value in values.items():
             value = np.asarray(value)
             if value.ndim < 2 or value.shape[1] == 0 or not np.issubdtype(value.dtype, np.floating):

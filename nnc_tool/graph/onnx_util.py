@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import onnx
 
 # The default ONNX operator domain, under both of its names.
@@ -68,13 +67,3 @@ def cpu_session(proto: onnx.ModelProto, threads: int = 1, optimization_level=Non
         options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(initializers[n]) for n in names])
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-}
-
-
-def as_session_input(x: np.ndarray, ort_type: str) -> np.ndarray:
-    """Model inputs (e.g. calibration data) in the dtype the session's input declares (float32 if unknown)."""
-    return np.ascontiguousarray(x, dtype=_ORT_TYPES.get(ort_type, np.float32))

@@ -15,8 +15,14 @@ __all__ = ["PruneConfig", "PruneReport", "prune"]
 
 
 def prune(model: Model, config: PruneConfig) -> tuple[Model, PruneReport]:
-    """Apply `config` to `model`."""
+    """Apply `config` to `model` (its calibration inputs checked against the model's inputs first)."""
+    from dataclasses import replace
+
     from ..graph.layout import weight_layouts
+    from ..inputs import as_model_inputs
+
+    if config.calibration is not None:
+        config = replace(config, calibration=as_model_inputs(config.calibration, model))
 
     if config.method == "unstructured":
         from .unstructured import prune_unstructured

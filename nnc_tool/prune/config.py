@@ -26,7 +26,8 @@ class PruneConfig:
     importance: how units are ranked; activation and shapley need `calibration`.
     allocation: how much each layer loses (structured): uniform, global ranking, or by measured
         sensitivity (needs `calibration`).
-    calibration: model inputs (a few hundred samples) for data-driven ranking and refitting.
+    calibration: model inputs (a few hundred samples) for data-driven ranking and refitting:
+        ModelInputs named after the model's inputs, or a bare array for a one-input model.
     refit: with calibration data, refit the layer after each pruned one by least squares.
     shapley_permutations: budget of the Shapley estimator (permutations per layer).
     seed: seed of every random choice (random importance, Shapley permutations).
@@ -43,7 +44,8 @@ class PruneConfig:
     nm_granularity: str = "weight"
     importance: str = "l1"
     allocation: str = "uniform"
-    calibration: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # ModelInputs (nnc_tool.inputs), or a bare array for a one-input model; `prune` binds it to the model.
+    calibration: object | None = field(default=None, compare=False, repr=False)
     refit: bool = True
     shapley_permutations: int = 16
     seed: int = 0
@@ -70,6 +72,21 @@ class PruneConfig:
                 f"{'depth pruning' if self.method == 'depth' else self.importance if self.importance in NEEDS_CALIBRATION else 'sensitivity allocation'}"
                 " needs calibration data (--calib)"
             )
+
+
+def calibration_rows(calibration) -> dict[str, np.ndarray] | np.ndarray:
+    """Calibration inputs as rows along the batch axis by input name (ModelInputs), or the bare
+    array as given; the data-driven pruners stack and slice samples along that axis."""
+    from ..errors import UsageError
+    from ..inputs import ModelInputs
+
+    if not isinstance(calibration, ModelInputs):
+        return np.asarray(calibration)
+    if not calibration.in_rows:
+        stacked = ", ".join(n for n in calibration.names if calibration.stacked(n))
+        raise UsageError(calibration.source, "data-driven pruning needs every input's samples as rows along the"
+                         f" model's batch axis; {stacked} has them on an extra first axis")
+    return dict(calibration.arrays)
 
 
 @dataclass

@@ -64,7 +64,7 @@ from onnx import helper, numpy_helper
 from ..errors import UsageError
 from ..formats import onnx_format
 from ..model import Model, TensorRole
-from .config import LayerChange, PruneConfig, PruneReport
+from .config import LayerChange, PruneConfig, PruneReport, calibration_rows
 from ..graph.onnx_util import STANDARD_DOMAINS, subgraphs
 
 # Rectifier-like ops: their activation state is "pre-activation above the kink" (the kink is 0
@@ -542,35 +542,47 @@ def _recalibrate(proto: onnx.ModelProto, batchnorms: list[int], runner: _Runner)
 class _Runner:
     """Runs a model (plus extra intermediate outputs) on calibration data in onnxruntime."""
 
-    def __init__(self, proto: onnx.ModelProto, calibration: np.ndarray) -> None:
+    def __init__(self, proto: onnx.ModelProto, calibration: dict[str, np.ndarray] | np.ndarray) -> None:
         initializers = {t.name for t in proto.graph.initializer}
         inputs = [v for v in proto.graph.input if v.name not in initializers]
-        if len(inputs) != 1:
-            raise UsageError(None, f"depth pruning needs a model with one input, this one has {len(inputs)}")
-        info = inputs[0]
-        self.input_name = info.name
-        elem = info.type.tensor_type.elem_type
-        dtype = helper.tensor_dtype_to_np_dtype(elem) if elem else np.dtype(np.float32)
-        data = np.asarray(calibration).astype(dtype, copy=False)
-        dims = list(info.type.tensor_type.shape.dim)
-        if dims and data.ndim != len(dims):
-            raise UsageError(None, f"calibration data has {data.ndim} dimensions, the model input {len(dims)}")
-        self.fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
+        if not isinstance(calibration, dict):
+            if len(inputs) != 1:
+                raise UsageError(None, f"a bare calibration array needs a model with one input, this one has {len(inputs)}")
+            calibration = {inputs[0].name: calibration}
+        fixed = 0
+        data = {}
+        for info in inputs:
+            elem = info.type.tensor_type.elem_type
+            dtype = helper.tensor_dtype_to_np_dtype(elem) if elem else np.dtype(np.float32)
+            if info.name not in calibration:
+                raise UsageError(None, f"calibration data has no array for the model input '{info.name}'")
+            rows = np.asarray(calibration[info.name]).astype(dtype, copy=False)
+            dims = list(info.type.tensor_type.shape.dim)
+            if dims and rows.ndim != len(dims):
+                raise UsageError(None, f"calibration data has {rows.ndim} dimensions, the model input {len(dims)}")
+            if dims and dims[0].HasField("dim_value"):
+                fixed = fixed or dims[0].dim_value
+            data[info.name] = rows
+        self.fixed = fixed
         self.chunk = self.fixed or _CHUNK
-        usable = (len(data) // self.chunk) * self.chunk if self.fixed else len(data)
+        count = len(next(iter(data.values())))
+        usable = (count // self.chunk) * self.chunk if self.fixed else count
         if usable == 0:
             raise UsageError(None, f"depth pruning needs at least {self.chunk} calibration samples")
-        self.data = data[:usable]
+        self.data = {name: rows[:usable] for name, rows in data.items()}
         self.output_names = [o.name for o in proto.graph.output]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.data.values())))
 
     def subset(self, start: int, stop: int) -> _Runner:
         other = copy.copy(self)
-        other.data = self.data[start:stop]
+        other.data = {name: rows[start:stop] for name, rows in self.data.items()}
         return other
 
-    def chunks(self) -> Iterator[np.ndarray]:
-        for start in range(0, len(self.data), self.chunk):
-            yield self.data[start : start + self.chunk]
+    def chunks(self) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self), self.chunk):
+            yield {name: rows[start : start + self.chunk] for name, rows in self.data.items()}
 
     @staticmethod
     def session(proto: onnx.ModelProto, threads: int = 1):
@@ -588,7 +600,7 @@ class _Runner:
         session = self.session(proto)
         names = [o.name for o in proto.graph.output]
         for batch in self.chunks():
-            yield dict(zip(names, session.run(names, {self.input_name: batch})))
+            yield dict(zip(names, session.run(names, batch)))
 
     def outputs(self, proto: onnx.ModelProto) -> list[np.ndarray]:
         """The model outputs over all data: per-sample outputs concatenated along the batch,
@@ -596,7 +608,7 @@ class _Runner:
         parts: dict[str, list[np.ndarray]] = defaultdict(list)
         sizes = []
         for batch, result in zip(self.chunks(), self.run(proto)):
-            sizes.append(len(batch))
+            sizes.append(len(next(iter(batch.values()))))
             for name in self.output_names:
                 parts[name].append(np.asarray(result[name]))
         joined = []
@@ -656,10 +668,10 @@ class _Evaluator:
     ranking does not favour units with many downstream BatchNorms just because more statistics
     were fitted to the very samples they are judged on."""
 
-    def __init__(self, original: onnx.ModelProto, calibration: np.ndarray) -> None:
+    def __init__(self, original: onnx.ModelProto, calibration: dict[str, np.ndarray] | np.ndarray) -> None:
         self.runner = _Runner(original, calibration)
         self.reference = self.runner.outputs(original)
-        n, chunk = len(self.runner.data), self.runner.chunk
+        n, chunk = len(self.runner), self.runner.chunk
         half = (n // 2 // chunk) * chunk if self.runner.fixed else n // 2
         self.folds: list[tuple[_Runner, list[np.ndarray]]] = []
         if half >= max(_MIN_FOLD, self.runner.fixed):
@@ -701,7 +713,7 @@ def _measure(
             active[value] = active[value] + on if value in active else on
         for value in checks:
             seen_shapes[value] = result[value].shape
-    n = len(runner.data)
+    n = len(runner)
     layer_entropy = {value: float(np.mean(_binary_entropy(counts / n))) for value, counts in active.items()}
 
     kept = []
@@ -766,7 +778,7 @@ def prune_depth_onnx(model: Model, config: PruneConfig) -> tuple[Model, PruneRep
         report.notes.append(f"no removable units (residual branches): {what}; model unchanged")
         return model, report
 
-    evaluator = _Evaluator(original, config.calibration)
+    evaluator = _Evaluator(original, calibration_rows(config.calibration))
     current, seeds = original, set()
     units, failures = _measure(current, search.units, evaluator, seeds)
     report.skipped.extend(f"{u.name}: {failures[u.add_output]}" for u in search.units if u.add_output in failures)

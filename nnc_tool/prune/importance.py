@@ -40,6 +40,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ..graph.onnx_util import subgraphs
+from ..inputs import ModelInputs
 
 __all__ = [
     "MaskSite",
@@ -51,6 +52,8 @@ __all__ = [
 
 # Samples per onnxruntime call when coalitions are stacked (calibration copies x coalitions).
 MAX_BATCH_SAMPLES = 4096
+# Model inputs as rows along the batch axis, by input name (what every run here feeds).
+Rows = dict[str, np.ndarray]
 METRICS = ("mse", "kl")
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -139,15 +142,19 @@ class MaskedRunner:
         graph = proto.graph
         initializers = {i.name for i in graph.initializer}
         real_inputs = [i for i in graph.input if i.name not in initializers]
-        if len(real_inputs) != 1:
-            raise ValueError(f"MaskedRunner needs a model with one input, this one has {len(real_inputs)}")
+        if not real_inputs:
+            raise ValueError("MaskedRunner needs a model with at least one input")
         if not graph.output:
             raise ValueError("the model has no output")
+        self.input_names = [i.name for i in real_inputs]
         self.input_name = real_inputs[0].name
         self.output_name = graph.output[0].name
         dims = real_inputs[0].type.tensor_type.shape.dim
         self.fixed_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
         self.input_dtype = helper.tensor_dtype_to_np_dtype(real_inputs[0].type.tensor_type.elem_type or TensorProto.FLOAT)
+        self.input_dtypes = {
+            i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type or TensorProto.FLOAT) for i in real_inputs
+        }
 
         self.proto = self._build(proto)
         self._types = _value_types(self.proto)
@@ -317,25 +324,37 @@ class MaskedRunner:
 
     # -- running ---------------------------------------------------------------------------
 
-    def run(self, inputs: np.ndarray, masks: dict[str, np.ndarray] | None = None, extra_outputs: Iterable[str] = ()) -> list[np.ndarray]:
-        """First graph output, then `extra_outputs`, for `inputs` under `masks`."""
-        inputs = np.asarray(inputs, self.input_dtype)
+    def rows(self, inputs: Rows | np.ndarray | ModelInputs) -> Rows:
+        """Inputs as rows by input name in the model's dtypes: a bare array is the one input's."""
+        if isinstance(inputs, ModelInputs):
+            if not inputs.in_rows:
+                raise ValueError("data-driven pruning needs inputs laid out in rows along the batch axis")
+            inputs = inputs.arrays
+        elif not isinstance(inputs, dict):
+            inputs = {self.input_name: inputs}
+        return {n: np.asarray(a, self.input_dtypes.get(n, a.dtype)) for n, a in inputs.items()}
+
+    def run(self, inputs: Rows | np.ndarray | ModelInputs, masks: dict[str, np.ndarray] | None = None,
+            extra_outputs: Iterable[str] = ()) -> list[np.ndarray]:
+        """First graph output, then `extra_outputs`, for `inputs` (rows by input name, or one
+        input's array) under `masks`."""
+        inputs = self.rows(inputs)
+        n = _count(inputs)
         extra = tuple(extra_outputs)
         names = [self.output_name, *extra]
         session = self._session(extra)
-        feeds = self._mask_feeds(masks, len(inputs))
+        feeds = self._mask_feeds(masks, n)
         b = self.fixed_batch
-        if b is None or len(inputs) == b:
+        if b is None or n == b:
             self.calls += 1
-            return session.run(names, {self.input_name: inputs, **feeds})
+            return session.run(names, {**inputs, **feeds})
         # fixed batch size: run in chunks of b (the last one padded), slicing per-sample masks
         parts: list[list[np.ndarray]] = []
-        n = len(inputs)
         for start in range(0, n, b):
-            chunk = inputs[start : start + b]
-            pad = b - len(chunk)
+            chunk = _slice(inputs, start, start + b)
+            pad = b - _count(chunk)
             if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in chunk.items()}
             cf = {}
             for k, m in feeds.items():
                 if m.shape[0] == n and n != 1:
@@ -344,7 +363,7 @@ class MaskedRunner:
                         m = np.concatenate([m, np.repeat(m[-1:], pad, axis=0)])
                 cf[k] = m
             self.calls += 1
-            out = session.run(names, {self.input_name: chunk, **cf})
+            out = session.run(names, {**chunk, **cf})
             parts.append([o[: b - pad] for o in out])
         return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
 
@@ -471,11 +490,11 @@ class _Coalitions:
     """Distortion D(mask) of one site's channel masks (other sites unmasked), several masks
     per onnxruntime call: calibration copies stacked on the batch axis, one mask per sample."""
 
-    def __init__(self, runner: MaskedRunner, site: MaskSite, calibration: np.ndarray, ref: np.ndarray,
+    def __init__(self, runner: MaskedRunner, site: MaskSite, calibration: Rows | np.ndarray | ModelInputs, ref: np.ndarray,
                  metric: str, max_batch: int = MAX_BATCH_SAMPLES):
         self.runner, self.site, self.ref, self.metric = runner, site, ref, metric
-        self.calib = np.asarray(calibration, runner.input_dtype)
-        self.n = len(self.calib)
+        self.calib = runner.rows(calibration)
+        self.n = _count(self.calib)
         self.group = 1 if runner.fixed_batch is not None else max(1, max_batch // self.n)
         self.suffix = runner._suffix(site.name)
         self.evaluated = 0
@@ -485,12 +504,11 @@ class _Coalitions:
     def _prefix_feeds(self, g: int) -> dict[str, np.ndarray]:
         """Values entering the suffix, for g stacked calibration copies (computed once per g)."""
         if self._feeds is None or self._feeds_g != g:
-            stacked = np.tile(self.calib, (g,) + (1,) * (self.calib.ndim - 1))
-            fetch = [b for b in self.suffix.boundary if b != self.runner.input_name]
+            stacked = _tile(self.calib, g)
+            fetch = [b for b in self.suffix.boundary if b not in stacked]
             outs = self.runner.run(stacked, extra_outputs=fetch)[1:] if fetch else []
             feeds = dict(zip(fetch, outs))
-            if self.runner.input_name in self.suffix.boundary:
-                feeds[self.runner.input_name] = stacked
+            feeds.update({name: rows for name, rows in stacked.items() if name in self.suffix.boundary})
             for s in self.suffix.sites:
                 if s != self.site.name:
                     feeds[self.runner.mask_inputs[s]] = self.runner._ones[s]
@@ -512,8 +530,7 @@ class _Coalitions:
                 chunk = np.concatenate([chunk, np.ones((g - real, self.site.size), np.float32)])
             per_sample = np.repeat(chunk, self.n, axis=0) if g > 1 or self.n == 1 else chunk
             if self.suffix is None:
-                stacked = np.tile(self.calib, (g,) + (1,) * (self.calib.ndim - 1))
-                y = self.runner.run(stacked, {self.site.name: per_sample})[0]
+                y = self.runner.run(_tile(self.calib, g), {self.site.name: per_sample})[0]
             else:
                 feeds = dict(self._prefix_feeds(g))
                 feeds[self.suffix.mask] = per_sample
@@ -524,11 +541,24 @@ class _Coalitions:
         return out
 
 
-def _reference(runner: MaskedRunner, calibration: np.ndarray) -> np.ndarray:
+def _count(rows: Rows) -> int:
+    return len(next(iter(rows.values())))
+
+
+def _slice(rows: Rows, start: int, stop: int) -> Rows:
+    return {k: v[start:stop] for k, v in rows.items()}
+
+
+def _tile(rows: Rows, copies: int) -> Rows:
+    """`copies` copies of every input's rows, one after the other along the batch axis."""
+    return {k: np.tile(v, (copies,) + (1,) * (v.ndim - 1)) for k, v in rows.items()}
+
+
+def _reference(runner: MaskedRunner, calibration: Rows | np.ndarray | ModelInputs) -> np.ndarray:
     return runner.run(calibration)[0]
 
 
-def _check(sites: list[MaskSite], calibration: np.ndarray, metric: str = "mse") -> None:
+def _check(sites: list[MaskSite], calibration: Rows | np.ndarray | ModelInputs, metric: str = "mse") -> None:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}")
     if len(calibration) == 0:
@@ -539,7 +569,7 @@ def _check(sites: list[MaskSite], calibration: np.ndarray, metric: str = "mse") 
 # Importance measures
 
 
-def activation_importance(proto: onnx.ModelProto, sites: list[MaskSite], calibration: np.ndarray,
+def activation_importance(proto: onnx.ModelProto, sites: list[MaskSite], calibration: Rows | np.ndarray | ModelInputs,
                           *, threads: int = 1, batch: int = 1024) -> dict[str, np.ndarray]:
     """Per site: mean |activation| per channel (over samples and all positions) of each of the
     site's values, summed over the values. Higher = more important."""
@@ -548,8 +578,9 @@ def activation_importance(proto: onnx.ModelProto, sites: list[MaskSite], calibra
     values = list(dict.fromkeys(v for s in sites for v in s.values))
     sums = {v: None for v in values}
     counts = dict.fromkeys(values, 0)
+    rows = runner.rows(calibration)
     for start in range(0, len(calibration), batch):
-        outs = runner.run(calibration[start : start + batch], extra_outputs=values)[1:]
+        outs = runner.run(_slice(rows, start, start + batch), extra_outputs=values)[1:]
         for v, a in zip(values, outs):
             axes = tuple(i for i in range(a.ndim) if i != 1)
             s = np.abs(a).sum(axis=axes, dtype=np.float64)
@@ -622,7 +653,7 @@ def _shapley_site(coal: _Coalitions, size: int, permutations: int, rng: np.rando
     return np.where(np.isfinite(phi), phi, np.max(phi[np.isfinite(phi)], initial=d_empty))
 
 
-def shapley_importance(proto: onnx.ModelProto, sites: list[MaskSite], calibration: np.ndarray,
+def shapley_importance(proto: onnx.ModelProto, sites: list[MaskSite], calibration: Rows | np.ndarray | ModelInputs,
                        permutations: int, seed: int, *, truncation: float = 1e-3, antithetic: bool = True,
                        metric: str = "mse", threads: int = 1, stats: dict | None = None,
                        min_kept_fraction: float = 0.0) -> dict[str, np.ndarray]:
@@ -675,7 +706,7 @@ def _lower_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sensitivity_allocation(proto: onnx.ModelProto, sites: list[MaskSite], scores: dict[str, np.ndarray],
-                           calibration: np.ndarray, sparsity: float, *, fractions: Iterable[float] = DEFAULT_FRACTIONS,
+                           calibration: Rows | np.ndarray | ModelInputs, sparsity: float, *, fractions: Iterable[float] = DEFAULT_FRACTIONS,
                            channel_params: dict[str, float] | None = None, metric: str = "mse", threads: int = 1,
                            curves: dict | None = None) -> dict[str, int]:
     """How many channels to remove from each site so that round(sparsity * total channels) are

@@ -54,7 +54,7 @@ _ROWS_PER_CHUNK = 1 << 16  # im2col rows per accumulation step (bounds memory on
 class Runner:
     """Runs a model on calibration data and returns chosen intermediate values (and the outputs)."""
 
-    def __init__(self, calibration: np.ndarray, batch: int = 256):
+    def __init__(self, calibration: dict[str, np.ndarray], batch: int = 256):
         self.calibration = calibration
         self.batch = batch
         self.types: dict[str, int] = {}  # element types of values (pruning never changes them)
@@ -75,11 +75,12 @@ class Runner:
         feed = session.get_inputs()[0]
         fixed = feed.shape[0] if feed.shape and isinstance(feed.shape[0], int) and feed.shape[0] > 0 else None
         batch = fixed or self.batch
-        stop = len(self.calibration) - (len(self.calibration) % fixed if fixed else 0)
+        count = len(next(iter(self.calibration.values())))
+        stop = count - (count % fixed if fixed else 0)
         names = [o.name for o in session.get_outputs()]
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for start in range(0, stop, batch):
-            results = session.run(names, {feed.name: self.calibration[start : start + batch]})
+            results = session.run(names, {n: rows[start : start + batch] for n, rows in self.calibration.items()})
             for name, value in zip(names, results):
                 parts[name].append(value)
         return {name: np.concatenate(chunks) for name, chunks in parts.items()}
@@ -460,7 +461,7 @@ def refit_pruned(
     pruned: onnx.ModelProto,
     layers: list[str],
     kept: dict[tuple[str, int], np.ndarray],
-    calibration: np.ndarray,
+    calibration: dict[str, np.ndarray] | np.ndarray,
     ridge: float = 1e-3,
     recompute_bn: bool = True,
     downstream: bool = True,
@@ -487,7 +488,7 @@ def _refit(
     pruned: onnx.ModelProto,
     layers: list[str],
     kept: dict[tuple[str, int], np.ndarray],
-    calibration: np.ndarray,
+    calibration: dict[str, np.ndarray] | np.ndarray,
     ridge: float,
     recompute_bn: bool,
     downstream: bool,
@@ -495,13 +496,16 @@ def _refit(
 ) -> tuple[onnx.ModelProto, list[str]]:
     notes: list[str] = []
     original_inputs = [v for v in original.graph.input if v.name not in {t.name for t in original.graph.initializer}]
-    if len(original_inputs) != 1:
-        return pruned, ["refit skipped: the model needs exactly one input"]
-    elem = original_inputs[0].type.tensor_type.elem_type
-    np_type = helper.tensor_dtype_to_np_dtype(elem)
-    calibration = np.asarray(calibration).astype(np_type)
+    if not isinstance(calibration, dict):
+        if len(original_inputs) != 1:
+            return pruned, ["refit skipped: a bare calibration array needs a model with exactly one input"]
+        calibration = {original_inputs[0].name: calibration}
+    types = {v.name: helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type) for v in original_inputs}
+    if set(calibration) != set(types):
+        return pruned, ["refit skipped: the calibration data does not name the model's inputs"]
     # a seeded shuffle, so the held-out samples are not e.g. the last classes of sorted data
-    calibration = calibration[np.random.default_rng(0).permutation(len(calibration))]
+    order = np.random.default_rng(0).permutation(len(next(iter(calibration.values()))))
+    calibration = {name: np.asarray(rows).astype(types[name])[order] for name, rows in calibration.items()}
     model = onnx.ModelProto()
     model.CopyFrom(pruned)
     edit = _Edit(model)

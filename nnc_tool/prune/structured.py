@@ -17,7 +17,7 @@ from ..errors import UsageError
 from ..formats import onnx_format
 from ..graph.onnx_channels import ChannelGroup, ChannelSlice, analyse_channels, constant_arrays, node_labels
 from ..model import Model, TensorRole
-from .config import LayerChange, PruneConfig, PruneReport
+from .config import LayerChange, PruneConfig, PruneReport, calibration_rows
 
 __all__ = [
     "prune_structured_onnx",
@@ -108,7 +108,7 @@ def channel_scores(
         sites = [data_importance.MaskSite(g.name, g.size, list(g.mask_values)) for g in groups if g.mask_values]
         work = onnx.ModelProto()
         work.CopyFrom(proto)
-        calibration = np.asarray(config.calibration)
+        calibration = calibration_rows(config.calibration)
         if not sites:
             found = {}
         elif method == "activation":
@@ -229,7 +229,7 @@ def _allocate_exact(
         found = {}
         if sites:
             found = data_importance.sensitivity_allocation(
-                work, sites, {g.name: scores[g.name] for g in with_sites}, np.asarray(config.calibration), sparsity
+                work, sites, {g.name: scores[g.name] for g in with_sites}, calibration_rows(config.calibration), sparsity
             )
         for group in groups:
             if group.name in found:
@@ -371,7 +371,7 @@ def prune_structured_onnx(model: Model, config: PruneConfig) -> tuple[Model, Pru
         consumers = sorted(
             {piece.node for g in prunable if g.name in removal for piece in g.consumers}, key=order.__getitem__
         )
-        pruned, refit_notes = refit_pruned(proto, pruned, consumers, kept, np.asarray(config.calibration))
+        pruned, refit_notes = refit_pruned(proto, pruned, consumers, kept, calibration_rows(config.calibration))
         notes.extend(refit_notes)
 
     onnx.checker.check_model(pruned, full_check=True)

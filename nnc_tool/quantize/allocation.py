@@ -59,7 +59,8 @@ import numpy as np
 from ..fileio import release_pages
 from ..graph.activation_stats import ChannelMoments, conv_input_second_moments, layer_inputs
 from ..graph.measured_stats import measure_channel_moments
-from ..graph.onnx_util import as_session_input, attributes, name_uses
+from ..graph.onnx_util import attributes, name_uses
+from ..inputs import ModelInputs, as_model_inputs, run_session
 from ..model import Model, Tensor, TensorRole
 from .bias_correction import correct_biases
 from .rdo import (
@@ -71,7 +72,8 @@ from .uniform import (
     uses_dependent,
 )
 
-RunModel = Callable[[Model, np.ndarray], np.ndarray]
+# A non-ONNX model's runner: (model, the calibration's one array or its ModelInputs) -> first output.
+RunModel = Callable[[Model, "np.ndarray | ModelInputs"], np.ndarray]
 
 # Allocated QPs stay within settings.qp +- this (a step 16x finer or coarser).
 MAX_QP_OFFSET = 16
@@ -143,7 +145,7 @@ def sensitivity_samples(model: Model) -> int:
 
 def measure_sensitivities(
     model: Model,
-    calibration: np.ndarray,
+    calibration: ModelInputs | np.ndarray,
     run_model: RunModel | None = None,
     *,
     noise: float = PROBE_NOISE,
@@ -153,13 +155,14 @@ def measure_sensitivities(
     """s_i for every quantizable tensor: output MSE per unit noise variance added to all its values.
 
     One run of the model per tensor on the first `samples` calibration inputs (`run_model`,
-    default onnxruntime for ONNX models; default `sensitivity_samples(model)`). Non-negative tensors
+    default onnxruntime for ONNX models; default `sensitivity_samples(model)`); the output error
+    is taken over every float output of the graph. Non-negative tensors
     (variances) get reflected noise so they stay non-negative; a run whose output is not finite is
     repeated with 10x smaller noise (twice), and a tensor that still breaks the model gets +inf.
     Deterministic for a given seed.
     """
-    x = np.asarray(calibration)[: sensitivity_samples(model) if samples is None else samples]
-    probe = run_model or run_onnx
+    x = _bound(calibration, model).head(sensitivity_samples(model) if samples is None else samples)
+    probe = _callback_runner(run_model) if run_model is not None else _float_outputs
     overridable = _OverridableOnnx(model) if run_model is None and model.format == "onnx" else None
     if overridable is not None and overridable.names:
         reference = np.asarray(overridable.run(x), dtype=np.float64)
@@ -206,7 +209,7 @@ def measure_sensitivities(
 def allocate_qps(
     model: Model,
     settings: QuantSettings,
-    calibration: np.ndarray | None = None,
+    calibration: ModelInputs | np.ndarray | None = None,
     run_model: RunModel | None = None,
     *,
     sensitivities: dict[str, float] | None = None,
@@ -339,7 +342,7 @@ def fast_calibration(model: Model, settings: QuantSettings) -> bool:
 def plan_quantization(
     model: Model,
     settings: QuantSettings,
-    calibration: np.ndarray | None = None,
+    calibration: ModelInputs | np.ndarray | None = None,
     run_model: RunModel | None = None,
     *,
     allocate: bool | None = None,
@@ -350,9 +353,10 @@ def plan_quantization(
 ) -> QuantPlan:
     """Per-tensor QPs (allocate) and, for ONNX models with calibration data, GPTQ error feedback.
 
-    `allocate` / `error_feedback` default to the settings' fields. `run_model(model, x)` returns
-    the first output for a batch (only used with calibration data; ONNX models default to
-    onnxruntime). Returns the model unchanged and no per-tensor settings when there is nothing
+    `allocate` / `error_feedback` default to the settings' fields. `calibration`: ModelInputs (or
+    a bare array for a one-input model, see nnc_tool.inputs). `run_model(model, x)` returns the
+    first output for a batch of a non-ONNX model (only used with calibration data; ONNX models
+    run in onnxruntime on all their inputs and outputs). Returns the model unchanged and no per-tensor settings when there is nothing
     to do (lossless, `bits` mode, allocate=False without calibration). `cache` (a dict the
     caller keeps) holds what depends on the model and calibration data but not on the QP
     (sensitivities, layer Hessians), so repeated plans at other QPs (rate control) skip them.
@@ -366,7 +370,8 @@ def plan_quantization(
     error_feedback = settings.error_feedback if error_feedback is None else error_feedback
     if settings.lossless or settings.bits is not None:
         return QuantPlan(model, {})
-    calibrated = calibration is not None and np.asarray(calibration).size > 0
+    calibration = _bound(calibration, model)
+    calibrated = calibration is not None and len(calibration) > 0
     notes: list[str] = []
     if calibrated and run_model is None and model.format != "onnx":
         notes.append(f"calibration data unused: measuring a {model.format} model needs a run_model callback")
@@ -394,7 +399,7 @@ def plan_quantization(
             probes = pool.submit(measure_sensitivities, model, calibration)
         if feedback:
             if "hessians" not in cache:
-                cache["hessians"] = layer_hessians(model, np.asarray(calibration)[:HESSIAN_SAMPLES])
+                cache["hessians"] = layer_hessians(model, calibration.head(HESSIAN_SAMPLES))
                 for layer in cache["hessians"].values():
                     layer.factors()
             hessians = cache["hessians"]
@@ -568,15 +573,45 @@ def _session(proto_bytes: bytes, threads: int = 1):
     return ort.InferenceSession(proto_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(model: Model, x: np.ndarray) -> np.ndarray:
-    """First output of an ONNX `Model` on a batch (onnxruntime, one thread); single-input models."""
+def run_onnx(model: Model, x: ModelInputs | np.ndarray) -> np.ndarray:
+    """First output of an ONNX `Model` on calibration inputs (onnxruntime, one thread): all samples
+    in one run where they batch (see nnc_tool.inputs); `x` may be a bare array for a one-input model."""
+    return _onnx_outputs(model, x)[0]
+
+
+def _onnx_outputs(model: Model, x: ModelInputs | np.ndarray) -> list[np.ndarray]:
     from ..formats.onnx_format import to_proto
 
+    inputs = as_model_inputs(x, model)
     session = _session(to_proto(model).SerializeToString(), _threads())
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise ValueError(f"calibration supports models with one input; this one has {len(inputs)}")
-    return np.asarray(session.run(None, {inputs[0].name: as_session_input(x, inputs[0].type)})[0])
+    return [np.asarray(o) for o in run_session(session, inputs)]
+
+
+def _float_outputs(model: Model, x: ModelInputs) -> np.ndarray:
+    return _joined_outputs(_onnx_outputs(model, x))
+
+
+def _joined_outputs(outputs: list[np.ndarray]) -> np.ndarray:
+    """The float outputs of a run as one array whose mean square error is the output error: the
+    output itself for a one-output model, else every float output flattened and concatenated."""
+    floats = [np.asarray(o) for o in outputs if np.issubdtype(np.asarray(o).dtype, np.floating)]
+    if len(floats) == 1:
+        return floats[0]
+    return np.concatenate([o.reshape(-1) for o in floats]) if floats else np.zeros(0)
+
+
+def _callback_runner(run_model: RunModel) -> Callable[[Model, ModelInputs], np.ndarray]:
+    def run(model: Model, x: ModelInputs) -> np.ndarray:
+        return run_model(model, x.single if x.single is not None else x)
+
+    return run
+
+
+def _bound(calibration: ModelInputs | np.ndarray | None, model: Model) -> ModelInputs | None:
+    """Calibration inputs checked against the model (nnc_tool.inputs); an empty array counts as none."""
+    if calibration is None or (isinstance(calibration, np.ndarray) and calibration.size == 0):
+        return None
+    return as_model_inputs(calibration, model)
 
 
 class _OverridableOnnx:
@@ -607,16 +642,9 @@ class _OverridableOnnx:
             names.append(init.name)
         self.names = frozenset(names)
         self._session = _session(proto.SerializeToString(), _threads())
-        data_inputs = [i for i in self._session.get_inputs() if i.name not in tensors]
-        if len(data_inputs) != 1:
-            self.names = frozenset()  # the caller falls back to building a model per probe
-            return
-        self._input = data_inputs[0]
 
-    def run(self, x: np.ndarray, overrides: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        feeds = {self._input.name: as_session_input(x, self._input.type)}
-        feeds.update(overrides or {})
-        return np.asarray(self._session.run(None, feeds)[0])
+    def run(self, x: ModelInputs, overrides: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        return _joined_outputs(run_session(self._session, x, extra_feeds=overrides))
 
 
 def _threads() -> int:
@@ -672,7 +700,7 @@ class _LayerHessian:
         return np.ascontiguousarray(values.reshape(self.shape))
 
 
-def layer_hessians(model: Model, calibration: np.ndarray) -> dict[str, _LayerHessian]:
+def layer_hessians(model: Model, calibration: ModelInputs | np.ndarray) -> dict[str, _LayerHessian]:
     """H = sum of x x^T over the calibration inputs of every Conv (1-D/2-D), Gemm and MatMul weight,
     as its diagonal column blocks (only those feed error feedback, see rdo.GPTQ_BLOCK).
 
@@ -706,18 +734,22 @@ def layer_hessians(model: Model, calibration: np.ndarray) -> dict[str, _LayerHes
     if not wanted:
         return {}
 
-    graph_inputs = [i.name for i in proto.graph.input if i.name not in by_name]
-    if len(graph_inputs) != 1:
-        return {}
+    inputs = as_model_inputs(calibration, model)
+    graph_inputs = inputs.names
     existing = {o.name for o in proto.graph.output}
     extra = sorted({n.input[0] for n in wanted.values()} - existing - set(graph_inputs) - set(by_name))
     for name in extra:
         proto.graph.output.append(helper.make_empty_tensor_value_info(name))
     session = _session(proto.SerializeToString(), _threads())
-    declared = {i.name: i.type for i in session.get_inputs()}
-    x = as_session_input(calibration, declared.get(graph_inputs[0], "tensor(float)"))
-    values = dict(zip((o.name for o in session.get_outputs()), session.run(None, {graph_inputs[0]: x})))
-    values[graph_inputs[0]] = x
+    # Layer inputs of samples run one at a time join along their batch axis, as batched ones do.
+    parts, fed = [], []
+    for start, stop in inputs.ranges():
+        feeds = inputs.feeds(start, stop)
+        parts.append(session.run(None, feeds))
+        fed.append([feeds[name] for name in graph_inputs])
+    joined = [_join_rows(p) for p in zip(*parts)]
+    values = dict(zip((o.name for o in session.get_outputs()), joined))
+    values.update({name: _join_rows(f) for name, f in zip(graph_inputs, zip(*fed))})
 
     out = {}
     for name, node in wanted.items():
@@ -740,6 +772,12 @@ def layer_hessians(model: Model, calibration: np.ndarray) -> dict[str, _LayerHes
         except ValueError:
             continue
     return out
+
+
+def _join_rows(arrays: tuple[np.ndarray, ...]) -> np.ndarray:
+    if len(arrays) == 1 or any(np.ndim(a) == 0 for a in arrays):
+        return np.asarray(arrays[0])
+    return np.concatenate(arrays)
 
 
 class _BlockGram:
