@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from contextlib import ExitStack
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -23,18 +24,19 @@ from .bitstream import container
 from .bitstream.container import UnitType
 from .bitstream.primitives import ByteReader
 from .coding.report import stream_entropy_report
-from .coding.tensors import Coding, TensorHeader, decode_tensor, encode_tensor, read_header
-from .errors import BitstreamError, NncError, UsageError
+from .coding.tensors import Coding, TensorHeader, coded_levels, decode_tensor, encode_tensor, read_header, reconstruction
+from .errors import BitstreamError, CheckError, NncError, UsageError
 from .fileio import atomic_output, release_pages, same_file
 from .formats import FORMATS, check_output_suffix, model_files, read_model, write_model
 from .graph.activation_stats import ChannelMoments, channel_moments
 from .graph.measured_stats import measure_channel_moments
 from .inputs import ModelInputs, as_model_inputs, run_model
-from .model import Model, TensorRole
+from .model import Model, Tensor, TensorRole
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorms
 from .quantize.allocation import FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization
 from .ratecontrol import RateControlReport, RateTarget, Trial, search_qp
+from .verify import Checker, CheckReport, describe_refinements, repair, runnable
 from .quantize.uniform import QuantSettings, effective_nonweight_qp
 
 EncodeOptions = QuantSettings
@@ -76,6 +78,7 @@ class EncodeReport:
     calibration_mode: str | None = None  # "full" or "fast" when calibration data was used (see QuantSettings)
     qp: int | None = None  # the weight QP used (chosen by rate control when a target was given)
     rate_control: RateControlReport | None = None
+    check: CheckReport | None = None  # the self-check (nnc_tool/verify.py); None when not run
 
     @property
     def ratio(self) -> float:
@@ -140,6 +143,8 @@ def write_bitstream(
     progress: Progress | None = None,
     plan_cache: dict | None = None,
     moments: dict[str, ChannelMoments] | None = None,
+    refinements: dict[str, int | None] | None = None,
+    rebuilt: list[Tensor] | None = None,
 ) -> StreamSummary:
     """Code an in-memory model into a complete bitstream written to `sink`, unit by unit.
 
@@ -150,10 +155,13 @@ def write_bitstream(
     `progress(done, total)` is called after each tensor is coded; `plan_cache` (see
     `plan_quantization`) lets repeated calls on the same model and data skip calibration work.
     `moments` (`channel_moments` of the model before BatchNorm folding) enable bias correction
-    and, without calibration data, Kronecker error feedback.
+    and, without calibration data, Kronecker error feedback. `refinements` (tensor -> QPs finer,
+    None for exact) are the self-check's repairs (nnc_tool/verify.py). `rebuilt`, when given, is
+    filled with the tensors as the decoder will rebuild them (its dequantization, no entropy
+    decoding), for the self-check.
     """
     options = options or EncodeOptions()
-    plan = plan_quantization(model, options, calibration, cache=plan_cache, moments=moments)
+    plan = plan_quantization(model, options, calibration, cache=plan_cache, moments=moments, refinements=refinements)
     model = plan.model
     parameters = {
         "format": model.format,
@@ -186,7 +194,12 @@ def write_bitstream(
         written += len(part)
     reports = []
     for index, tensor in enumerate(model.tensors):
-        payload = encode_tensor(tensor, plan.settings_for(tensor, options), plan.quantized.pop(tensor.name, None))
+        settings = plan.settings_for(tensor, options)
+        levels = coded_levels(tensor, settings, plan.quantized.pop(tensor.name, None))
+        payload = encode_tensor(tensor, settings, levels)
+        if rebuilt is not None:
+            rebuilt.append(Tensor(tensor.name, reconstruction(tensor, levels), tensor.role))
+        del levels
         release_pages(tensor.array)
         unit = container.frame_unit(UnitType.DATA, payload)
         sink.write(unit)
@@ -283,8 +296,17 @@ def encode(
     progress: Progress | None = None,
     target: RateTarget | None = None,
     evaluation: ModelInputs | tuple[np.ndarray, np.ndarray] | None = None,
+    verify: bool = True,
+    min_snr_db: float | None = None,
 ) -> EncodeReport:
     """Compress a model file into an nnc bitstream written atomically to `output_path`.
+
+    `verify` (default on) decodes the result in memory and runs it beside the original on probe
+    inputs (the first `calibration` samples, else inputs synthesised from the graph): a result
+    whose outputs are non-finite, collapse far below what its steps predict, or fall below
+    `min_snr_db` has the tensors responsible coded finer or exactly and is checked again
+    (nnc_tool/verify.py); if that cannot fix it, the encode fails with a UsageError and writes
+    nothing. ONNX models only; the report's `check` says what was measured and changed.
 
     `pruning` runs the pruning stage before quantization; `calibration` (model inputs, see
     `Inputs`: arrays named after the model's inputs) lets quantization measure each tensor's
@@ -320,11 +342,30 @@ def encode(
     if target is not None:
         rate_report = _control_rate(model, model_path, options, target, original_bytes, calibration, evaluation, plan_cache, moments)
         options = replace(options, qp=rate_report.chosen_qp)
-    if output_path is None:
-        summary = write_bitstream(model, _CountingSink(), options, original_bytes, calibration, progress, plan_cache, moments)
-    else:
-        with atomic_output(output_path) as tmp, open(tmp, "wb") as sink:
-            summary = write_bitstream(model, sink, options, original_bytes, calibration, progress, plan_cache, moments)
+    checking = verify and runnable(model) and not options.lossless
+    if min_snr_db is not None and not checking:
+        reason = "lossless output is exact" if options.lossless else f"it runs only ONNX models, this is a {model.format} model"
+        raise UsageError(model_path, f"--min-snr needs the self-check, and {reason}")
+    check_report = None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The probes, the checker's session and the reference run (onnxruntime releases the GIL)
+        # overlap quantization and coding.
+        checker = pool.submit(Checker, model, calibration) if checking else None
+        rebuilt: list[Tensor] | None = [] if checking else None
+        with ExitStack() as stack:
+            if output_path is None:
+                sink: BinaryIO = _CountingSink()
+            else:
+                tmp = stack.enter_context(atomic_output(output_path))
+                sink = stack.enter_context(open(tmp, "wb"))
+            summary = write_bitstream(
+                model, sink, options, original_bytes, calibration, progress, plan_cache, moments, rebuilt=rebuilt
+            )
+            if checker is not None:
+                summary, check_report = _checked(
+                    checker.result(), sink, rebuilt, summary, options, original_bytes, calibration, plan_cache,
+                    moments, min_snr_db, model_path,
+                )
     return EncodeReport(
         input=str(model_path),
         output=None if output_path is None else str(output_path),
@@ -343,7 +384,56 @@ def encode(
         calibration_mode=summary.calibration_mode,
         qp=options.qp,
         rate_control=rate_report,
+        check=check_report,
     )
+
+
+def _checked(
+    checker: Checker,
+    sink: BinaryIO,
+    rebuilt: list[Tensor],
+    summary: StreamSummary,
+    options: EncodeOptions,
+    original_bytes: int,
+    calibration: ModelInputs | None,
+    plan_cache: dict,
+    moments: dict[str, ChannelMoments],
+    min_snr_db: float | None,
+    model_path: Path,
+) -> tuple[StreamSummary, CheckReport]:
+    """The self-check of what was just written, re-coding into `sink` while the repair asks for it."""
+    started = time.perf_counter()
+    latest = summary
+
+    def recode(refinements: dict[str, int | None]) -> list[Tensor]:
+        nonlocal latest
+        again: list[Tensor] = []
+        if hasattr(sink, "truncate"):
+            sink.seek(0)
+            sink.truncate()
+        latest = write_bitstream(
+            checker.model, sink, options, original_bytes, calibration, None, plan_cache, moments,
+            refinements=refinements, rebuilt=again,
+        )
+        return again
+
+    result, chosen, rounds = repair(checker, recode, rebuilt, min_snr_db)
+    rebuilt.clear()
+    report = CheckReport(
+        probes=checker.source,
+        samples=len(checker.probes),
+        output_snr_db=result.output_snr_db,
+        predicted_snr_db=result.predicted_snr_db,
+        top1_agreement=result.top1_agreement,
+        passed=result.passed,
+        seconds=time.perf_counter() - started,
+        refined=describe_refinements(chosen),
+        rounds=rounds,
+    )
+    if not result.passed:
+        changed = f" after coding {len(chosen)} tensors finer" if chosen else ""
+        raise CheckError(model_path, f"self-check failed{changed}: {result.reason()} (--no-check writes it anyway)")
+    return latest, report
 
 
 def _control_rate(
@@ -488,6 +578,12 @@ class _CountingSink:
 
     def write(self, data: bytes) -> int:
         return len(data)
+
+    def seek(self, offset: int) -> int:
+        return offset
+
+    def truncate(self) -> int:
+        return 0
 
 
 def _describe_data_unit(payload: memoryview, unit_size: int) -> TensorReport:

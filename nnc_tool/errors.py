@@ -25,3 +25,7 @@ class BitstreamError(NncError):
 
 class UsageError(NncError):
     """Options that do not fit together or do not fit the input."""
+
+
+class CheckError(NncError):
+    """The encoder's self-check found a decoded model that does not keep the original's outputs."""

@@ -60,11 +60,27 @@ class TensorHeader:
         return math.prod(self.shape)
 
 
+def coded_levels(tensor: Tensor, settings: QuantSettings, quantized: Quantized | None = None) -> Quantized | None:
+    """The levels `encode_tensor` codes for `tensor` with `settings` (`quantized` when already
+    chosen); None when the tensor is coded exactly."""
+    if quantized is None and tensor.role != TensorRole.EXACT and tensor.dtype in FLOAT_DTYPES and not settings.lossless:
+        quantized = quantize(tensor.array, tensor.role, settings)
+    return quantized
+
+
+def reconstruction(tensor: Tensor, quantized: Quantized | None) -> np.ndarray:
+    """The array `decode_tensor` rebuilds from `tensor` coded with `quantized` levels (None:
+    coded exactly), without entropy coding: the decoder's own dequantization and cast."""
+    if quantized is None:
+        return tensor.array
+    values = dequantize(quantized.levels, quantized.steps, quantized.chain)
+    return np.asarray(values.astype(numpy_dtype(tensor.dtype), copy=False)).reshape(tensor.array.shape)
+
+
 def encode_tensor(tensor: Tensor, settings: QuantSettings, quantized: Quantized | None = None) -> bytes:
     """Code one tensor into a data-unit payload (`quantized`: its levels, when already chosen with `settings`)."""
     array = tensor.array
-    if quantized is None and tensor.role != TensorRole.EXACT and tensor.dtype in FLOAT_DTYPES and not settings.lossless:
-        quantized = quantize(array, tensor.role, settings)
+    quantized = coded_levels(tensor, settings, quantized)
     if quantized is not None:
         coding = Coding.QUANTIZED
     elif tensor.dtype not in FLOAT_DTYPES and tensor.dtype != "uint64":

@@ -603,6 +603,51 @@ def runtime_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]
     return proto, handed
 
 
+def overridable_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The model as a ModelProto whose main-graph float tensors can be replaced at run time.
+
+    Every main-graph float tensor (initializers, and `Constant` nodes turned into initializers)
+    is also declared a graph input, so an onnxruntime session runs with the stored values and
+    takes other values for any of them as feeds (ONNX lets graph inputs override initializers,
+    IR >= 4). Returns the proto and, for each tensor that can be fed this way, the graph input
+    that takes it (tensor name -> input name); subgraph tensors stay baked in. IR < 4 models are
+    returned with nothing overridable.
+    """
+    proto, slots, arrays = _assemble(model, None)
+    if proto.ir_version < 4:
+        for slot, array in zip(slots, arrays):
+            slot.proto.raw_data = _bytes_view(array).tobytes()
+        return proto, {}
+    graph = proto.graph
+    declared = {v.name for v in graph.input}
+    constants = {}
+    for slot, array in zip(slots, arrays):
+        slot.proto.raw_data = _bytes_view(array).tobytes()
+        if slot.key[0] == 0 and not slot.is_initializer:
+            constants[slot.key[1]] = slot
+    if constants:
+        kept = []
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS and node.output and node.output[0] in constants:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(constants[node.output[0]].proto)
+                tensor.name = node.output[0]
+                graph.initializer.append(tensor)
+            else:
+                kept.append(node)
+        del graph.node[:]
+        graph.node.extend(kept)
+    names: dict[str, str] = {}
+    by_value = {slot.key[1]: slot.name for slot in slots if slot.key[0] == 0}
+    for init in graph.initializer:
+        if _ONNX_DTYPES.get(init.data_type) not in FLOAT_DTYPES or init.name not in by_value:
+            continue
+        if init.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        names[by_value[init.name]] = init.name
+    return proto, names
+
+
 def _fit(tensor: Tensor, slot: _Slot, path: Path) -> np.ndarray:
     """The tensor's array in the slot's declared dtype and shape, little-endian and contiguous."""
     want_name = _ONNX_DTYPES[slot.proto.data_type]

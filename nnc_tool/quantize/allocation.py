@@ -50,7 +50,7 @@ the data-free plan (Kronecker error feedback, bias correction) and the allocatio
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -350,8 +350,13 @@ def plan_quantization(
     sensitivities: dict[str, float] | None = None,
     cache: dict | None = None,
     moments: dict[str, ChannelMoments] | None = None,
+    refinements: Mapping[str, int | None] | None = None,
 ) -> QuantPlan:
     """Per-tensor QPs (allocate) and, for ONNX models with calibration data, GPTQ error feedback.
+
+    `refinements` (the encoder's self-check, nnc_tool/verify.py) code named tensors that many QP
+    finer than the plan would, or exactly (None); error feedback and bias correction then work
+    with those steps.
 
     `allocate` / `error_feedback` default to the settings' fields. `calibration`: ModelInputs (or
     a bare array for a one-input model, see nnc_tool.inputs). `run_model(model, x)` returns the
@@ -370,6 +375,10 @@ def plan_quantization(
     error_feedback = settings.error_feedback if error_feedback is None else error_feedback
     if settings.lossless or settings.bits is not None:
         return QuantPlan(model, {})
+    refinements = dict(refinements or {})
+    exact = {name for name, finer in refinements.items() if finer is None}
+    if exact:
+        model = replace(model, tensors=[Tensor(t.name, t.array, TensorRole.EXACT) if t.name in exact else t for t in model.tensors])
     calibration = _bound(calibration, model)
     calibrated = calibration is not None and len(calibration) > 0
     notes: list[str] = []
@@ -417,7 +426,7 @@ def plan_quantization(
     # Error feedback already cancels the mean shift as the calibration data has it; the BatchNorm
     # estimate would only add its own error there (sample resnet, QP -42/-34/-26: -2.1/-1.3/-2.6 dB).
     # Estimated feedback's second moments include the BatchNorm means as well.
-    inputs = {name: layer for name, layer in inputs.items() if name not in hessians and name not in estimated}
+    inputs = {name: layer for name, layer in inputs.items() if name not in hessians and name not in estimated and name not in exact}
     if allocate:
         # Error feedback shapes a layer's error (GPTQ's predicted gain); otherwise bias correction
         # removes its mean-shift share. Either makes the tensor less sensitive per unit of noise.
@@ -441,11 +450,16 @@ def plan_quantization(
         # One QP for every weight means one QP for the weights as the model was trained, before
         # folding rescaled some of them.
         qps = {name: int(np.clip(np.rint(settings.qp + shift), *QP_RANGE)) for name, shift in fold_shifts.items()}
+    for t in model.tensors:
+        finer = refinements.get(t.name)
+        if finer and _quantizable(t):
+            base = settings.qp if t.role == TensorRole.WEIGHT else effective_nonweight_qp(settings)
+            qps[t.name] = int(np.clip(qps.get(t.name, base) - finer, *QP_RANGE))
     per_tensor = tensor_settings(model, settings, qps)
     tensors, compensated = [], []
     for t in model.tensors:
         lh = hessians.get(t.name)
-        if lh is None:
+        if lh is None or t.role == TensorRole.EXACT:
             tensors.append(t)
             continue
         own = per_tensor.get(t.name, settings)

@@ -1,0 +1,302 @@
+"""The encoder's self-check: run the decoded model beside the original and repair what collapsed.
+
+A stage after coding, so every path that encodes (CLI, API, batch, rate control's final encode)
+gets it. `check` runs the rebuilt model beside the reference on probe inputs (the calibration
+data when given, else inputs synthesised from the graph's input signature, nnc_tool.inputs) and
+compares every output. A result fails when
+
+  * an output is non-finite where the original's is finite, or
+  * the output SNR lies more than COLLAPSE_MARGIN_DB below what the steps predict
+    (`predicted_snr_db`), or
+  * it lies below the user's `min_snr_db`.
+
+What the steps predict: each WEIGHT tensor's rounding error relative to its typical channel
+(median over output channels of the mean square: robust to the huge dead channels folded
+BatchNorms leave), summed over layers as independent relative noises. On the digits models, the
+PP-OCR classifier and recognizer the output SNR on probes lies 5 dB below to 20 dB above this
+prediction at every QP from -44 to -20; on a model whose output is dominated by a few fragile
+tensors (the PP-OCR text detector: 13-35 dB below) it does not.
+
+`Checker.find_culprits` then names the tensors responsible by group testing: the decoded values
+of a group of tensors alone (the rest original) are run on the probes, harmless groups are
+dropped, harmful ones split until single tensors remain. One onnxruntime session serves every
+run: the main graph's float tensors are graph inputs too (formats.onnx_format.overridable_proto),
+so a run with other values for some of them is a run with more feeds, not a new session. `refinements` turns their measured output noise
+into how much finer each must be coded (noise ~ step^2 ~ 2^(QP/2)), or exactly when even that
+would not do; the encoder re-codes with them and checks again.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .formats.onnx_format import overridable_proto
+from .graph.onnx_util import cpu_session
+from .inputs import ModelInputs, probe_inputs, run_model, run_session
+from .model import Model, Tensor, TensorRole
+
+# Below the prediction by more than this, a result has collapsed (see the module docstring).
+COLLAPSE_MARGIN_DB = 10.0
+# Probe samples per check: enough to see a collapse, few enough to cost a fraction of the encode.
+PROBE_SAMPLES = 4
+# A group whose output noise is below this share of the allowed noise is left alone.
+HARMLESS_SHARE = 1.0 / 8.0
+# Model runs one culprit search may spend (each runs the probes once).
+MAX_SEARCH_RUNS = 64
+# Re-encode rounds before the encoder gives up.
+MAX_REPAIR_ROUNDS = 3
+# A tensor that would need more than this many QP finer is coded exactly instead.
+MAX_REFINEMENT_QP = 32
+# Groups split into this many parts while searching.
+SEARCH_FANOUT = 4
+
+
+@dataclass
+class CheckResult:
+    """What one check measured: the rebuilt model against the reference on the probes."""
+
+    output_snr_db: float  # over every output; -inf when an output is non-finite where the original's is not
+    predicted_snr_db: float  # what the steps predict (see the module docstring)
+    top1_agreement: float | None  # percent, on the first output when it holds per-sample scores
+    finite: bool
+    min_snr_db: float | None = None
+
+    @property
+    def threshold_db(self) -> float:
+        floor = self.predicted_snr_db - COLLAPSE_MARGIN_DB
+        return floor if self.min_snr_db is None else max(floor, self.min_snr_db)
+
+    @property
+    def passed(self) -> bool:
+        return self.finite and self.output_snr_db >= self.threshold_db
+
+    def reason(self) -> str:
+        if not self.finite:
+            return "the decoded model's outputs are not finite where the original's are"
+        if self.min_snr_db is not None and self.output_snr_db < self.min_snr_db:
+            return f"output SNR {self.output_snr_db:.1f} dB is below --min-snr {self.min_snr_db:g} dB"
+        return (
+            f"output SNR {self.output_snr_db:.1f} dB collapsed: the steps predict {self.predicted_snr_db:.1f} dB"
+        )
+
+
+@dataclass
+class CheckReport:
+    """The self-check of one encode, as the encode report carries it."""
+
+    probes: str  # "calibration" or "synthesised"
+    samples: int
+    output_snr_db: float
+    predicted_snr_db: float
+    top1_agreement: float | None
+    passed: bool
+    seconds: float
+    refined: list[str] = field(default_factory=list)  # what the repair changed, one line per tensor
+    rounds: int = 0  # re-encodes the repair needed
+
+
+def probes_for(model: Model, calibration: ModelInputs | None, samples: int = PROBE_SAMPLES) -> tuple[ModelInputs, str]:
+    """The check's inputs: the first calibration samples when given, else synthesised ones."""
+    if calibration is not None and len(calibration):
+        return calibration.head(samples), "calibration"
+    return probe_inputs(model, samples), "synthesised"
+
+
+def runnable(model: Model) -> bool:
+    """Whether the self-check can run this model (ONNX, in onnxruntime)."""
+    return model.format == "onnx"
+
+
+def output_noise(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> tuple[float, float]:
+    """(signal, noise) energy over every output; noise is inf when an output is non-finite where
+    the reference's is finite (equal infinities, e.g. masked logits, count as equal)."""
+    signal = noise = 0.0
+    for ref, out in zip(reference, outputs):
+        ref = np.asarray(ref, dtype=np.float64)
+        out = np.asarray(out, dtype=np.float64)
+        if ref.shape != out.shape:
+            return signal, math.inf
+        finite = np.isfinite(ref)
+        if not np.array_equal(out[~finite], ref[~finite], equal_nan=True) or not np.isfinite(out[finite]).all():
+            return signal, math.inf
+        signal += float(np.square(ref[finite]).sum())
+        noise += float(np.square(ref[finite] - out[finite]).sum())
+    return signal, noise
+
+
+def snr_db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    if not math.isfinite(noise) or signal <= 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def top1_agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float | None:
+    """Percent of samples whose arg-max over the last axis of the first output agrees, when that
+    output holds scores (a float array with more than one class); None otherwise."""
+    if not reference:
+        return None
+    ref, out = np.asarray(reference[0]), np.asarray(outputs[0])
+    if ref.ndim < 2 or ref.shape[-1] < 2 or ref.dtype.kind != "f" or ref.shape != out.shape:
+        return None
+    return 100.0 * float((ref.argmax(-1) == np.nan_to_num(out, nan=-np.inf).argmax(-1)).mean())
+
+
+def predicted_snr_db(original: Model, rebuilt: dict[str, np.ndarray]) -> float:
+    """What the steps predict for the output SNR (see the module docstring)."""
+    relative = 0.0
+    for tensor in original.tensors:
+        values = rebuilt.get(tensor.name)
+        if tensor.role != TensorRole.WEIGHT or values is None or values.shape != tensor.array.shape or not tensor.array.size:
+            continue
+        rows = np.asarray(tensor.array, dtype=np.float32).reshape(tensor.array.shape[0], -1)
+        typical = float(np.median(np.einsum("ij,ij->i", rows, rows, dtype=np.float64) / max(rows.shape[1], 1)))
+        error = rows - np.asarray(values, dtype=np.float32).reshape(rows.shape)
+        noise = float(np.einsum("ij,ij->", error, error, dtype=np.float64)) / max(error.size, 1)
+        if typical > 0:
+            relative += noise / typical
+    return snr_db(1.0, relative) if relative > 0 else math.inf
+
+
+def changed_tensors(original: Model, rebuilt: Sequence[Tensor]) -> dict[str, np.ndarray]:
+    """The rebuilt arrays that differ from the original's, by name (model order)."""
+    arrays = {t.name: t.array for t in rebuilt}
+    changed = {}
+    for tensor in original.tensors:
+        values = arrays.get(tensor.name)
+        if values is not None and (values.shape != tensor.array.shape or not np.array_equal(values, tensor.array)):
+            changed[tensor.name] = values
+    return changed
+
+
+class Checker:
+    """One model (as it goes into quantization) run on probe inputs with any of its tensors
+    replaced: the reference outputs, the check of a rebuilt model, and the culprit search."""
+
+    def __init__(self, model: Model, calibration: ModelInputs | None = None, samples: int = PROBE_SAMPLES) -> None:
+        self.model = model
+        self.probes, self.source = probes_for(model, calibration, samples)
+        proto, self._feeds = overridable_proto(model)
+        self._inputs = {v.name: v for v in proto.graph.input}
+        self._session = cpu_session(proto, threads=1)
+        self.reference = self.outputs({})
+        self.signal = output_noise(self.reference, self.reference)[0]
+        self.runs = 0
+
+    def outputs(self, replaced: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output on the probes with `replaced` tensors (name -> values) in place of the model's."""
+        self.runs = getattr(self, "runs", 0) + 1
+        if any(name not in self._feeds for name in replaced):
+            # A subgraph tensor is baked into the graph: this run needs a session of its own.
+            tensors = [Tensor(t.name, replaced[t.name], t.role) if t.name in replaced else t for t in self.model.tensors]
+            return run_model(replace(self.model, tensors=tensors), self.probes)
+        feeds = {}
+        for name, values in replaced.items():
+            declared = self._inputs[self._feeds[name]].type.tensor_type
+            shape = tuple(int(d.dim_value) for d in declared.shape.dim)
+            feeds[self._feeds[name]] = np.ascontiguousarray(values).reshape(shape)
+        return run_session(self._session, self.probes, extra_feeds=feeds)
+
+    def check(self, changed: dict[str, np.ndarray], min_snr_db: float | None = None) -> CheckResult:
+        """The rebuilt model (the model with `changed` tensors) against the reference."""
+        outputs = self.outputs(changed)
+        signal, noise = output_noise(self.reference, outputs)
+        return CheckResult(
+            output_snr_db=snr_db(signal, noise),
+            predicted_snr_db=predicted_snr_db(self.model, changed),
+            top1_agreement=top1_agreement(self.reference, outputs),
+            finite=math.isfinite(noise),
+            min_snr_db=min_snr_db,
+        )
+
+    def allowed_noise(self, result: CheckResult) -> float:
+        """The output noise energy a result may have to pass."""
+        threshold = result.threshold_db
+        return self.signal / 10.0 ** (threshold / 10.0) if math.isfinite(threshold) else 0.0
+
+    def find_culprits(self, changed: dict[str, np.ndarray], allowed_noise: float, max_runs: int = MAX_SEARCH_RUNS) -> dict[str, float]:
+        """The tensors whose rebuilt values alone cost more than a HARMLESS_SHARE of
+        `allowed_noise` (output noise energy on the probes), with the noise each causes (inf for
+        non-finite outputs).
+
+        Group testing: each group's rebuilt values go into the model alone; a harmless group is
+        dropped, a harmful one split in SEARCH_FANOUT parts (model order, so a block's tensors
+        stay together) until single tensors remain. When `max_runs` is spent, every tensor of a
+        group still harmful counts as a culprit with that group's noise.
+        """
+        harmless = allowed_noise * HARMLESS_SHARE
+        culprits: dict[str, float] = {}
+        pending: list[tuple[list[str], float]] = [(list(changed), math.inf)]
+        runs = 0
+        while pending:
+            group, inherited = pending.pop()
+            if runs >= max_runs:
+                culprits.update({name: inherited for name in group})
+                continue
+            noise = output_noise(self.reference, self.outputs({n: changed[n] for n in group}))[1]
+            runs += 1
+            if noise <= harmless:
+                continue
+            if len(group) == 1:
+                culprits[group[0]] = noise
+                continue
+            size = math.ceil(len(group) / SEARCH_FANOUT)
+            pending.extend((group[i : i + size], noise) for i in range(0, len(group), size))
+        return culprits
+
+
+def refinements(culprits: dict[str, float], allowed_noise: float, previous: dict[str, int | None]) -> dict[str, int | None]:
+    """How much finer (QP) each culprit is coded next, None for exactly, on top of `previous`.
+
+    A tensor's output noise scales with its step squared, 2^(QP/2): to bring noise n under a
+    HARMLESS_SHARE of the allowed noise takes 2 log2(n / share) QP (at least 4, so a round
+    always moves). Non-finite outputs, or more than MAX_REFINEMENT_QP, mean exact.
+    """
+    out = dict(previous)
+    target = allowed_noise * HARMLESS_SHARE
+    for name, noise in culprits.items():
+        before = out.get(name, 0)
+        if before is None:
+            continue
+        if not math.isfinite(noise) or target <= 0:
+            out[name] = None
+            continue
+        step = max(4, math.ceil(2.0 * math.log2(max(noise / target, 1.0))))
+        total = before + step
+        out[name] = None if total > MAX_REFINEMENT_QP else total
+    return out
+
+
+def describe_refinements(chosen: dict[str, int | None]) -> list[str]:
+    """One line per refined tensor, e.g. 'conv.weight: 12 QP finer' or 'ln.eps: exact'."""
+    return [f"{name}: exact" if k is None else f"{name}: {k} QP finer" for name, k in chosen.items()]
+
+
+def repair(
+    checker: Checker,
+    encode: Callable[[dict[str, int | None]], Sequence[Tensor]],
+    first: Sequence[Tensor],
+    min_snr_db: float | None,
+) -> tuple[CheckResult, dict[str, int | None], int]:
+    """Check `first` (the rebuilt tensors of the first encode) and, while it fails, find the
+    culprits and re-encode with `encode(refinements) -> rebuilt tensors`. Returns the last
+    check, the refinements used and the number of re-encodes."""
+    changed = changed_tensors(checker.model, first)
+    result = checker.check(changed, min_snr_db)
+    chosen: dict[str, int | None] = {}
+    rounds = 0
+    while not result.passed and rounds < MAX_REPAIR_ROUNDS:
+        allowed = checker.allowed_noise(result)
+        culprits = checker.find_culprits(changed, allowed)
+        updated = refinements(culprits, allowed, chosen)
+        if not culprits or updated == chosen:
+            break
+        chosen = updated
+        changed = changed_tensors(checker.model, encode(chosen))
+        rounds += 1
+        result = checker.check(changed, min_snr_db)
+    return result, chosen, rounds
