@@ -27,7 +27,8 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The checkout's own nnc_tool (not whichever one is installed) and the zoo package beside this file.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import zoo.models  # noqa: E402
 from zoo.base import ZooModel, cache_dir  # noqa: E402
@@ -199,7 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="results file (default: $NNC_ZOO_CACHE/zoo-results.json)")
     parser.add_argument("--list", action="store_true", help="list the members and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each cell as it is measured")
-    args = parser.parse_args(argv)
+    # argparse would read the "-44,-38" of "--qps -44,-38" as an option: glue the value to its flag.
+    glued: list[str] = []
+    for arg in sys.argv[1:] if argv is None else argv:
+        if glued and glued[-1] == "--qps":
+            glued[-1] = f"--qps={arg}"
+        else:
+            glued.append(arg)
+    args = parser.parse_args(glued)
     if not args.qps:
         parser.error("--qps is empty")
     if args.samples < 1:
