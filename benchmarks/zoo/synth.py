@@ -28,7 +28,8 @@ def font_files() -> tuple[Path, ...]:
     found: list[Path] = []
     for root in FONT_DIRS:
         if Path(root).is_dir():
-            found.extend(p for p in Path(root).rglob("*.ttf") if not any(s in p.name for s in ("Emoji", "Symbol", "Math")))
+            found.extend(p for p in Path(root).rglob("*.ttf")
+                         if not any(s in p.name for s in ("Emoji", "Symbol", "Math")))
     return tuple(sorted(found))
 
 
