@@ -15,7 +15,7 @@ from nnc_tool.api import compress_model, decompress_model
 from nnc_tool.bitstream import container
 from nnc_tool.bitstream.primitives import ByteWriter
 from nnc_tool.cli import main
-from nnc_tool.coding.pack import decode_pack, encode_pack
+from nnc_tool.coding.pack import PACK_MAX_VALUES, decode_pack, encode_pack
 from nnc_tool.coding.report import stream_entropy_report
 from nnc_tool.coding.tensors import encode_tensor
 from nnc_tool.errors import BitstreamError
@@ -56,7 +56,7 @@ def _mixed_model() -> Model:
     """Tiny exact tensors between two large lossy ones, so the pack's positions matter."""
     tiny = _tiny_tensors()
     weight = Tensor("conv.weight", RNG.normal(0, 0.1, (16, 8, 3, 3)).astype(np.float32), TensorRole.WEIGHT)
-    table = Tensor("big_exact", np.arange(500, dtype=np.int64), TensorRole.EXACT)
+    table = Tensor("big_exact", np.arange(PACK_MAX_VALUES + 1, dtype=np.int64), TensorRole.EXACT)
     tensors = tiny[:5] + [weight] + tiny[5:12] + [table] + tiny[12:]
     return Model("onnx", b"topology", tensors, {"source": "test"})
 
@@ -77,7 +77,7 @@ def test_tiny_tensors_of_every_dtype_round_trip_bit_exactly_in_order() -> None:
     assert [u.type for u in units] == [container.UnitType.PARAMETER_SET, container.UnitType.TOPOLOGY,
                                        container.UnitType.PACK] + [container.UnitType.DATA] * 2
     assert data[len(container.MAGIC) : len(container.MAGIC) + 2] == bytes((2, 1))
-    assert [r.packed for r in reports] == [t.array.size <= 64 for t in model.tensors]
+    assert [r.packed for r in reports] == [t.array.size <= PACK_MAX_VALUES for t in model.tensors]
     assert sum(r.coded_bytes for r in reports if r.packed) == units[2].size
     _assert_identical(decompress_model(data), model, {t.name for t in model.tensors if t.role == TensorRole.EXACT})
 
@@ -220,7 +220,7 @@ def test_info_lists_every_packed_tensor_and_the_entropy_report_adds_up(tmp_path:
     stream = api.info(path, entropy=True)
     assert stream.size == len(data)
     pack = [u for u in stream.units if u.type == "pack"]
-    assert [t.name for t in pack[0].packed] == [t.name for t in model.tensors if t.array.size <= 64]
+    assert [t.name for t in pack[0].packed] == [t.name for t in model.tensors if t.array.size <= PACK_MAX_VALUES]
     assert pack[0].packed[1].dtype == "float32" and pack[0].packed[1].shape == (5,)
     report = stream.entropy
     assert report["side_info_bytes"] + report["payload_bytes"] == len(data)
