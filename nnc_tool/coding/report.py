@@ -22,6 +22,7 @@ from ..bitstream import container
 from ..bitstream.container import UnitType
 from ..bitstream.primitives import ByteReader
 from ..errors import BitstreamError
+from ..model import TensorRole
 from .integers import StreamStats
 from .names import read_name
 from .pack import decode_pack
@@ -118,7 +119,7 @@ def _pack_row(unit: container.Unit, tensor_count) -> dict:
         raise BitstreamError(None, "pack unit accounting does not add up")
     return {
         "name": f"(pack of {len(pack.tensors)} tensors)",
-        "role": "exact" if all(t.role.name == "EXACT" for t in pack.tensors) else "mixed",
+        "role": "exact" if all(t.role == TensorRole.EXACT for t in pack.tensors) else "mixed",
         "coding": "packed",
         "values": sum(t.array.size for t in pack.tensors),
         "methods": dict(stats.methods),
