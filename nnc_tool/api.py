@@ -24,10 +24,19 @@ from .bitstream import container
 from .bitstream.container import UnitType
 from .bitstream.primitives import ByteReader
 from .coding.report import stream_entropy_report
-from .coding.tensors import Coding, TensorHeader, coded_levels, decode_tensor, encode_tensor, read_header, reconstruction
+from .coding.pack import MAX_PACKED_TENSORS, DecodedPack, decode_pack, encode_pack, is_packable
+from .coding.tensors import Coding, TensorHeader, coded_levels, decode_tensor, encode_tensor, is_quantized, read_header, reconstruction
 from .errors import BitstreamError, CheckError, NncError, UsageError
 from .fileio import atomic_output, release_pages, same_file
-from .formats import FORMATS, check_output_suffix, model_files, read_model, write_model
+from .formats import (
+    FORMATS,
+    check_output_suffix,
+    drop_optimizer_state as drop_optimizer_tensors,
+    model_files,
+    optimizer_state_tensors,
+    read_model,
+    write_model,
+)
 from .graph.activation_stats import ChannelMoments, channel_moments
 from .graph.measured_stats import measure_channel_moments
 from .inputs import ModelInputs, as_model_inputs, run_model
@@ -57,6 +66,7 @@ class TensorReport:
     step: float | None = None
     qp: int | None = None
     zero_rows: int = 0
+    packed: bool = False  # in the pack unit; coded_bytes is then an even share of that unit
 
 
 @dataclass
@@ -79,6 +89,9 @@ class EncodeReport:
     qp: int | None = None  # the weight QP used (chosen by rate control when a target was given)
     rate_control: RateControlReport | None = None
     check: CheckReport | None = None  # the self-check (nnc_tool/verify.py); None when not run
+    optimizer_state_tensors: int = 0  # kept optimizer/scheduler/scaler tensors of a training checkpoint
+    optimizer_state_bytes: int = 0  # their (exactly coded) share of the bitstream
+    dropped_optimizer_tensors: int | None = None  # with drop_optimizer_state: how many were dropped (0: none held)
 
     @property
     def ratio(self) -> float:
@@ -107,6 +120,7 @@ class UnitInfo:
     offset: int
     size: int
     tensor: TensorReport | None = None
+    packed: list[TensorReport] = field(default_factory=list)  # a pack unit's tensors
 
 
 @dataclass
@@ -184,16 +198,31 @@ def write_bitstream(
         "encoder": f"nnc {__version__}",
     }
     topology = container.topology_payload(model.topology)
+    packed = [
+        (index, tensor) for index, tensor in enumerate(model.tensors)
+        if is_packable(tensor, is_quantized(tensor, plan.settings_for(tensor, options), plan.quantized.get(tensor.name)))
+    ]
+    pack = container.frame_unit(UnitType.PACK, encode_pack(packed)) if packed else b""
     written = 0
     for part in (
-        container.stream_header(),
+        container.stream_header(container.PACK_MINOR if packed else 0),
         container.frame_unit(UnitType.PARAMETER_SET, container.parameter_set_payload(parameters)),
         container.frame_unit(UnitType.TOPOLOGY, topology),
+        pack,
     ):
         sink.write(part)
         written += len(part)
-    reports = []
+    reports: list[TensorReport | None] = [None] * len(model.tensors)
+    for share, (index, tensor) in zip(_even_shares(len(pack), len(packed)), packed):
+        reports[index] = _describe_tensor(tensor, share)
+    done = len(packed)
+    if progress is not None and done:
+        progress(done, len(model.tensors))
     for index, tensor in enumerate(model.tensors):
+        if reports[index] is not None:
+            if rebuilt is not None:
+                rebuilt.append(Tensor(tensor.name, tensor.array, tensor.role))
+            continue
         settings = plan.settings_for(tensor, options)
         levels = coded_levels(tensor, settings, plan.quantized.pop(tensor.name, None))
         payload = encode_tensor(tensor, settings, levels)
@@ -204,10 +233,11 @@ def write_bitstream(
         unit = container.frame_unit(UnitType.DATA, payload)
         sink.write(unit)
         written += len(unit)
-        reports.append(_describe_data_unit(memoryview(payload), len(unit)))
+        reports[index] = _describe_data_unit(memoryview(payload), len(unit))
         del payload, unit
+        done += 1
         if progress is not None:
-            progress(index + 1, len(model.tensors))
+            progress(done, len(model.tensors))
     return StreamSummary(written, len(topology), reports, plan.corrected, plan.compensated, plan.calibration_mode)
 
 
@@ -276,10 +306,19 @@ def decompress_model(data: bytes | memoryview) -> Model:
     """Rebuild the in-memory model from a complete bitstream."""
     units = list(container.iter_units(data))
     parameters, topology = _side_units(units)
-    tensors = [decode_tensor(unit.payload) for unit in units[2:]]
     expected = parameters.get("tensor_count")
-    if expected != len(tensors):
-        raise BitstreamError(None, f"bitstream is truncated: {len(tensors)} of {expected} tensors present")
+    if not isinstance(expected, int) or isinstance(expected, bool) or expected < 0:
+        raise BitstreamError(None, "parameter set has a malformed tensor_count")
+    pack, data_units = _split_pack(units, expected)
+    present = len(data_units) + (len(pack.tensors) if pack else 0)
+    if expected != present:
+        raise BitstreamError(None, f"bitstream is truncated: {present} of {expected} tensors present")
+    tensors = [None] * expected
+    if pack is not None:
+        for position, tensor in zip(pack.positions, pack.tensors):
+            tensors[position] = tensor
+    others = iter(data_units)
+    tensors = [tensor if tensor is not None else decode_tensor(next(others).payload) for tensor in tensors]
     metadata = parameters.get("metadata", {})
     if not isinstance(metadata, dict):
         raise BitstreamError(None, "parameter set has malformed metadata")
@@ -298,6 +337,7 @@ def encode(
     evaluation: ModelInputs | tuple[np.ndarray, np.ndarray] | None = None,
     verify: bool = True,
     min_snr_db: float | None = None,
+    drop_optimizer_state: bool = False,
 ) -> EncodeReport:
     """Compress a model file into an nnc bitstream written atomically to `output_path`.
 
@@ -307,6 +347,13 @@ def encode(
     `min_snr_db` has the tensors responsible coded finer or exactly and is checked again
     (nnc_tool/verify.py); if that cannot fix it, the encode fails with a UsageError and writes
     nothing. ONNX models only; the report's `check` says what was measured and changed.
+
+    `drop_optimizer_state` keeps only the model part of a training checkpoint (torch.save of a
+    dict holding an optimizer's state_dict(), and LR-scheduler / GradScaler state, under any key):
+    the decoded file is a checkpoint of the weights and the bookkeeping (epoch, step, ...). Without
+    it that state is kept exactly and the report says what it costs. A model without such state
+    is encoded as it is (the report's `dropped_optimizer_tensors` is then 0): a batch over a mix
+    of checkpoints and plain models can pass the flag to all of them.
 
     `pruning` runs the pruning stage before quantization; `calibration` (model inputs, see
     `Inputs`: arrays named after the model's inputs) lets quantization measure each tensor's
@@ -332,6 +379,10 @@ def encode(
         evaluation = ModelInputs({"x": np.asarray(evaluation[0])}, labels=None if evaluation[1] is None else np.asarray(evaluation[1]))
     evaluation = as_model_inputs(evaluation, model)
     original_bytes = model_file_bytes(model_path, model)
+    dropped = None
+    if drop_optimizer_state:
+        model, dropped = drop_optimizer_tensors(model, model_path)
+    optimizer_names = optimizer_state_tensors(model)
     prune_report = None
     if pruning is not None and (pruning.sparsity > 0 or pruning.method == "nm"):
         model, prune_report = prune(model, pruning)
@@ -385,6 +436,9 @@ def encode(
         qp=options.qp,
         rate_control=rate_report,
         check=check_report,
+        optimizer_state_tensors=len(optimizer_names),
+        optimizer_state_bytes=sum(t.coded_bytes for t in summary.tensors if t.name in optimizer_names),
+        dropped_optimizer_tensors=dropped,
     )
 
 
@@ -525,9 +579,12 @@ def info(bitstream_path: str | os.PathLike, entropy: bool = False) -> StreamInfo
         units = list(container.iter_units(data))
         parameters, _ = _side_units(units)
         described = [UnitInfo(u.type.name.lower(), u.offset, u.size) for u in units[:2]]
-        described += [
-            UnitInfo("data", u.offset, u.size, _describe_data_unit(u.payload, u.size)) for u in units[2:]
-        ]
+        pack, data_units = _split_pack(units, parameters.get("tensor_count"))
+        if pack is not None:
+            shares = _even_shares(units[2].size, len(pack.tensors))
+            described.append(UnitInfo("pack", units[2].offset, units[2].size,
+                                      packed=[_describe_tensor(t, share) for t, share in zip(pack.tensors, shares)]))
+        described += [UnitInfo("data", u.offset, u.size, _describe_data_unit(u.payload, u.size)) for u in data_units]
         entropy_report = stream_entropy_report(data) if entropy else None
     except BitstreamError as err:
         raise BitstreamError(bitstream_path, err.problem) from None
@@ -565,8 +622,9 @@ def _peek_format(data: bytes) -> str:
 def _side_units(units: list[container.Unit]) -> tuple[dict, bytes]:
     if len(units) < 2 or units[0].type != UnitType.PARAMETER_SET or units[1].type != UnitType.TOPOLOGY:
         raise BitstreamError(None, "bitstream is truncated or lacks its parameter set and topology units")
-    if any(u.type != UnitType.DATA for u in units[2:]):
-        raise BitstreamError(None, "bitstream has side units after its data units")
+    data_start = 3 if len(units) > 2 and units[2].type == UnitType.PACK else 2
+    if any(u.type != UnitType.DATA for u in units[data_start:]):
+        raise BitstreamError(None, "bitstream has side units or a second pack unit among its data units")
     parameters = container.parse_parameter_set(units[0].payload)
     if parameters.get("format") not in FORMATS:
         raise BitstreamError(None, f"bitstream holds an unknown model format {parameters.get('format')!r}")
@@ -584,6 +642,34 @@ class _CountingSink:
 
     def truncate(self) -> int:
         return 0
+
+
+def _split_pack(units: list[container.Unit], tensor_count) -> tuple[DecodedPack | None, list[container.Unit]]:
+    """The decoded pack unit (if the stream has one, right after the topology) and the data units."""
+    if len(units) < 3 or units[2].type != UnitType.PACK:
+        return None, units[2:]
+    if not isinstance(tensor_count, int) or isinstance(tensor_count, bool):
+        raise BitstreamError(None, "parameter set has a malformed tensor_count")
+    # Every tensor outside the pack has a data unit: this bounds the positions a pack may name.
+    return decode_pack(units[2].payload, min(tensor_count, len(units) - 3 + MAX_PACKED_TENSORS)), units[3:]
+
+
+def _even_shares(total: int, count: int) -> list[int]:
+    """`count` integer shares of `total` bytes that add up to it."""
+    return [total // count + (1 if i < total % count else 0) for i in range(count)] if count else []
+
+
+def _describe_tensor(tensor: Tensor, coded_bytes: int) -> TensorReport:
+    """A packed tensor: exactly coded, `coded_bytes` its share of the pack unit."""
+    return TensorReport(
+        name=tensor.name,
+        role=TensorRole(tensor.role).name.lower(),
+        dtype=tensor.dtype,
+        shape=tuple(tensor.array.shape),
+        coding="packed",
+        coded_bytes=coded_bytes,
+        packed=True,
+    )
 
 
 def _describe_data_unit(payload: memoryview, unit_size: int) -> TensorReport:

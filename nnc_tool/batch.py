@@ -96,11 +96,13 @@ def encode_one(
     progress: api.Progress | None = None,
     target: api.RateTarget | None = None,
     evaluation: ModelInputs | tuple[np.ndarray, np.ndarray] | None = None,
+    drop_optimizer_state: bool = False,
 ) -> Outcome:
     """Encode one file; every failure but an interrupt becomes the Outcome's error text."""
     try:
         report = api.encode(model_path, output_path, options, pruning=pruning, fold_batchnorm=fold_batchnorm,
-                            calibration=calibration, progress=progress, target=target, evaluation=evaluation)
+                            calibration=calibration, progress=progress, target=target, evaluation=evaluation,
+                            drop_optimizer_state=drop_optimizer_state)
     except NncError as err:
         message = str(err) if err.path is not None else f"{model_path}: {err.problem}"
         return Outcome(model_path, output_path, error=message, exit_code=err.exit_code)
@@ -124,6 +126,7 @@ def encode_many(
     job: Job = encode_one,
     target: api.RateTarget | None = None,
     evaluation: ModelInputs | tuple[np.ndarray, np.ndarray] | None = None,
+    drop_optimizer_state: bool = False,
 ) -> BatchResult:
     """Encode every input to OUTDIR/<stem>.nnc, `jobs` at a time in worker processes.
 
@@ -137,7 +140,8 @@ def encode_many(
     outputs = [os.fspath(p) for p in output_paths(inputs, output_dir)]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     # The progress slot stays empty: a worker's progress cannot reach this process.
-    arguments = [(i, o, options, pruning, fold_batchnorm, calibration, None, target, evaluation) for i, o in zip(inputs, outputs)]
+    arguments = [(i, o, options, pruning, fold_batchnorm, calibration, None, target, evaluation, drop_optimizer_state)
+                 for i, o in zip(inputs, outputs)]
     results: dict[int, Outcome] = {}
 
     def finish(index: int, outcome: Outcome) -> None:

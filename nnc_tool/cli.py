@@ -272,6 +272,9 @@ def _quiet_and_verbose(quiet: bool, verbose: bool) -> None:
 @rate_control_options
 @pruning_options
 @click.option("--no-fold-bn", is_flag=True, help="Keep ONNX BatchNormalization nodes instead of folding them into the layer before.")
+@click.option("--drop-optimizer-state", is_flag=True,
+              help="Keep only the model of a training checkpoint: drop optimizer, LR-scheduler and GradScaler state "
+                   "(kept exactly otherwise). Models without such state are encoded as they are.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with -d: a list, one entry per MODEL).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary lines (errors and --json still print).")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor.")
@@ -280,8 +283,8 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
            nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float,
            no_error_feedback: bool, no_bias_correction: bool, dq: bool, kernel_correlation: float, calib_mode: str,
            target_size: int | None, target_ratio: float | None, target_snr: float | None,
-           max_acc_drop: float | None, data: str | None, no_fold_bn: bool, as_json: bool, quiet: bool, verbose: bool,
-           **prune_options) -> None:
+           max_acc_drop: float | None, data: str | None, no_fold_bn: bool, drop_optimizer_state: bool, as_json: bool,
+           quiet: bool, verbose: bool, **prune_options) -> None:
     """Compress MODEL into an nnc bitstream (-o), or many MODELs into a directory (-d).
 
     With -d, a file that fails is reported (one line on stderr) and skipped, the others are
@@ -306,11 +309,12 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
     pruning = _pruning(calibration=calibration, **prune_options)
     if output_dir is not None:
         _encode_batch(models, output_dir, jobs, settings, pruning, not no_fold_bn, calibration, as_json, quiet, verbose,
-                      target, evaluation)
+                      target, evaluation, drop_optimizer_state)
         return
     with progress_bar(f"encode {os.path.basename(models[0])}", quiet) as bar:
         report = api.encode(models[0], output, settings, pruning=pruning, fold_batchnorm=not no_fold_bn,
-                            calibration=calibration, progress=bar, target=target, evaluation=evaluation)
+                            calibration=calibration, progress=bar, target=target, evaluation=evaluation,
+                            drop_optimizer_state=drop_optimizer_state)
     if as_json:
         _print_json(report.to_dict())
     elif not quiet:
@@ -319,7 +323,8 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
 
 def _encode_batch(models: tuple[str, ...], output_dir: str, jobs: int, settings: QuantSettings,
                   pruning: PruneConfig | None, fold_batchnorm: bool, calibration, as_json: bool, quiet: bool,
-                  verbose: bool, target: RateTarget | None = None, evaluation=None) -> None:
+                  verbose: bool, target: RateTarget | None = None, evaluation=None,
+                  drop_optimizer_state: bool = False) -> None:
     started = time.perf_counter()
     jobs = jobs or os.cpu_count() or 1
     with progress_bar("encode", quiet) as bar:
@@ -340,7 +345,7 @@ def _encode_batch(models: tuple[str, ...], output_dir: str, jobs: int, settings:
             bar(done, len(models))
 
         result = encode_many(models, output_dir, settings, pruning, fold_batchnorm, calibration, jobs, on_done,
-                             target=target, evaluation=evaluation)
+                             target=target, evaluation=evaluation, drop_optimizer_state=drop_optimizer_state)
     if as_json:
         _print_json([o.to_dict() for o in result.outcomes])
     elif not quiet:
@@ -366,6 +371,8 @@ def _encode_line(report: api.EncodeReport) -> str:
 def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: bool = True) -> None:
     if report.pruning is not None:
         _echo_pruning(report.pruning, verbose, echo)
+    for line in _optimizer_state_lines(report):
+        echo(line)
     if report.folded_batchnorms:
         echo(f"folded {report.folded_batchnorms} BatchNormalization node(s) into the layers before them")
     if report.calibration_mode == "fast":
@@ -391,6 +398,17 @@ def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: boo
         for t in report.tensors:
             step = f"step {t.step:.3g}" if t.step is not None else "lossless"
             echo(f"  {t.name:<40} {t.role:<9} {str(list(t.shape)):<18} {step:<14} {t.coded_bytes:>10} B")
+
+
+def _optimizer_state_lines(report: api.EncodeReport) -> list[str]:
+    if report.dropped_optimizer_tensors == 0:
+        return ["--drop-optimizer-state: the model holds no optimizer state, nothing to drop"]
+    if report.dropped_optimizer_tensors:
+        return [f"dropped optimizer state: {report.dropped_optimizer_tensors} tensor(s); the decoded checkpoint holds the model"]
+    if report.optimizer_state_tensors:
+        return [f"optimizer state: {_human(report.optimizer_state_bytes)} of the {_human(report.bitstream_bytes)} bitstream "
+                f"({report.optimizer_state_tensors} tensors, kept exactly); --drop-optimizer-state keeps only the model"]
+    return []
 
 
 def _echo_encode(report: api.EncodeReport, verbose: bool) -> None:
@@ -447,7 +465,11 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
     click.echo(f"  settings {json.dumps(p.get('settings', {}), sort_keys=True)}")
     for unit in stream.units:
         if unit.tensor is None:
-            click.echo(f"  @{unit.offset:<8} {unit.type:<14} {unit.size:>10} B")
+            packed = f"  {len(unit.packed)} tensors" if unit.packed else ""
+            click.echo(f"  @{unit.offset:<8} {unit.type:<14} {unit.size:>10} B{packed}")
+            for t in unit.packed:
+                click.echo(f"  {'':<9} packed {t.name:<38} {t.role:<9} {t.dtype:<8} {str(list(t.shape)):<18} "
+                           f"{'packed':>12}")
             continue
         t = unit.tensor
         detail = t.coding if t.step is None else f"step {t.step:.4g}" + (f" (qp {t.qp})" if t.qp is not None else "")

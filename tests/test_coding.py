@@ -214,9 +214,9 @@ def test_data_unit_decodes_on_its_own() -> None:
     model = _sample_model()
     data, _ = compress_model(model, plain(nonweight_qp=-75))
     units = list(container.iter_units(data))
-    assert [u.type for u in units] == [container.UnitType.PARAMETER_SET, container.UnitType.TOPOLOGY] + [
-        container.UnitType.DATA
-    ] * 3
-    bias = decode_tensor(units[3].payload)
+    # The tiny exact "steps" tensor goes into the pack unit, right after the topology.
+    assert [u.type for u in units] == [container.UnitType.PARAMETER_SET, container.UnitType.TOPOLOGY,
+                                       container.UnitType.PACK] + [container.UnitType.DATA] * 2
+    bias = decode_tensor(units[4].payload)
     assert bias.name == "conv.bias" and bias.array.shape == (8,)
     assert math.isclose(float(np.abs(bias.array - model.tensors[1].array).max()), 0.0, abs_tol=1e-5)

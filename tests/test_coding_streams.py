@@ -362,15 +362,16 @@ def test_entropy_report_accounts_for_every_byte() -> None:
     assert 0 <= report["overhead_percent"] < 1.0  # within 1 % of the models' entropy + side information
     assert report["empirical_payload_bytes"] <= report["ideal_payload_bytes"]
     assert report["methods"].get("pattern") == 1
-    assert [t["name"] for t in report["tensors"]] == [t.name for t in _model().tensors]
+    # Rows follow the stream: the pack unit (the scalar counter) comes before the data units.
+    assert [t["name"] for t in report["tensors"]] == ["(pack of 1 tensors)"] + [t.name for t in _model().tensors[:3]]
     text = describe_entropy_report(report)
     assert "within" in text and str(report["total_bytes"]) in text
     assert decompress_model(data).tensors[3].array == 7
 
 
-def test_version_is_2_0() -> None:
+def test_version_is_2_1_with_a_pack_unit() -> None:
     data, _ = compress_model(_model())
-    assert data[len(container.MAGIC) : len(container.MAGIC) + 2] == bytes((2, 0))
+    assert data[len(container.MAGIC) : len(container.MAGIC) + 2] == bytes((2, 1))
     assert container.HEADER_SIZE == 14
 
 

@@ -115,6 +115,32 @@ def test_payload_mutations_behind_valid_crcs_fail_cleanly(kind: str, data, tmp_p
     decode_or_reject(_reframed(stream, unit_index, mutate), tmp_path)
 
 
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_pack_unit_mutations_behind_valid_crcs_fail_cleanly(data, tmp_path: Path) -> None:
+    """The lossless state_dict stream packs its four biases and fc3.weight (up to 1024 values each)."""
+    stream = STREAMS["state_dict"]
+    pack_index = [u.type for u in container.iter_units(stream)].index(container.UnitType.PACK)
+
+    def mutate(payload: bytes) -> bytes:
+        payload = bytearray(payload)
+        for _ in range(data.draw(st.integers(1, 3))):
+            position = data.draw(st.integers(0, len(payload) - 1))
+            choice = data.draw(st.sampled_from(["flip", "set", "truncate", "extend"]))
+            if choice == "flip":
+                payload[position] ^= 1 << data.draw(st.integers(0, 7))
+            elif choice == "set":
+                payload[position] = data.draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xFF]))
+            elif choice == "truncate":
+                del payload[max(1, position):]
+            else:
+                payload[position:position] = data.draw(st.binary(min_size=1, max_size=8))
+        return bytes(payload)
+
+    decode_or_reject(_reframed(stream, pack_index, mutate), tmp_path)
+
+
 def test_crc_covers_the_whole_stream() -> None:
     stream = STREAMS["onnx"]
     assert zlib.crc32(stream) != 0

@@ -6,7 +6,8 @@ Layout (all integers little-endian; see docs/FORMAT.md):
     unit            u8 type, u32 payload length, payload, u32 CRC32(type..payload)
 
 The first unit is the parameter set (JSON, possibly deflated), the second the topology
-(deflated or LZMA2-compressed), then one data unit per tensor. Units are parsed lazily and each
+(deflated or LZMA2-compressed), then (2.1) at most one pack unit of small tensors, then one data
+unit per other tensor. Units are parsed lazily and each
 data unit stands on its own.
 """
 from __future__ import annotations
@@ -23,7 +24,10 @@ from functools import lru_cache
 from ..errors import BitstreamError
 
 MAGIC = b"\x8bNNC\r\n\x1a\n"
-VERSION = (2, 0)
+# Minor 1 added the pack unit; an encoder writes minor 0 when a stream has none, so such
+# streams stay readable by 2.0 decoders.
+VERSION = (2, 1)
+PACK_MINOR = 1
 _UNIT_HEAD = struct.Struct("<BI")
 _CRC = struct.Struct("<I")
 # A parameter set or topology larger than this is not something we wrote.
@@ -34,6 +38,7 @@ class UnitType(enum.IntEnum):
     PARAMETER_SET = 1
     TOPOLOGY = 2
     DATA = 3
+    PACK = 4  # many small tensors in one unit (coding.pack), since 2.1
 
 
 class Compression(enum.IntEnum):
@@ -65,8 +70,8 @@ class Unit:
 HEADER_SIZE = len(MAGIC) + 2 + _CRC.size
 
 
-def stream_header() -> bytes:
-    fixed = MAGIC + bytes(VERSION)
+def stream_header(minor: int = VERSION[1]) -> bytes:
+    fixed = MAGIC + bytes((VERSION[0], minor))
     return fixed + _CRC.pack(zlib.crc32(fixed))
 
 
@@ -87,11 +92,21 @@ def parameter_set_payload(parameters: dict) -> bytes:
 
 def topology_payload(topology: bytes) -> bytes:
     """Compress the weight-free model description with whichever of DEFLATE/LZMA2 is smallest."""
-    return _topology_payload(bytes(topology))
+    return compressed_payload(topology)
+
+
+def compressed_payload(data: bytes) -> bytes:
+    """A compression byte and `data` as the shortest of itself, DEFLATE and LZMA2 (see docs/FORMAT.md)."""
+    return _compressed_payload(bytes(data))
+
+
+def decompressed_payload(payload: memoryview, what: str, limit: int) -> bytes:
+    """Undo `compressed_payload`; never expands beyond `limit` bytes."""
+    return _decompress(payload, what, limit)
 
 
 @lru_cache(maxsize=8)
-def _topology_payload(topology: bytes) -> bytes:
+def _compressed_payload(topology: bytes) -> bytes:
     options = [bytes([Compression.NONE]) + topology, bytes([Compression.DEFLATE]) + _deflate(topology)]
     exponent = min(_LZMA2_DICT_BITS[1], max(_LZMA2_DICT_BITS[0], (len(topology) - 1).bit_length()))
     for lc, lp, pb in _LZMA2_SETTINGS:
@@ -184,7 +199,7 @@ def iter_units(data: bytes | memoryview) -> Iterator[Unit]:
         (stored_crc,) = _CRC.unpack_from(view, end)
         if zlib.crc32(view[position:end]) != stored_crc:
             raise BitstreamError(None, f"CRC mismatch in unit at byte {position}: the bitstream is corrupt")
-        if unit_type not in UnitType._value2member_map_:
-            raise BitstreamError(None, f"unknown unit type {unit_type} at byte {position}")
+        if unit_type not in UnitType._value2member_map_ or (unit_type == UnitType.PACK and minor < PACK_MINOR):
+            raise BitstreamError(None, f"unknown unit type {unit_type} at byte {position} of a {major}.{minor} stream")
         yield Unit(UnitType(unit_type), payload, position)
         position = end + _CRC.size

@@ -22,8 +22,10 @@ from ..bitstream import container
 from ..bitstream.container import UnitType
 from ..bitstream.primitives import ByteReader
 from ..errors import BitstreamError
+from ..model import TensorRole
 from .integers import StreamStats
 from .names import read_name
+from .pack import decode_pack
 from .tensors import decode_tensor, read_header
 
 
@@ -45,7 +47,8 @@ def stream_entropy_report(data: bytes | memoryview) -> dict:
       overhead_percent          total above ideal_total, in percent
       payload_overhead_percent  payload above ideal_payload, in percent
       methods                   how many integer streams use each method
-      tensors                   per data unit: name, role, coding, methods and the same split
+      tensors                   per data unit (and one row for the pack unit): name, role, coding,
+                                methods and the same split
     """
     view = memoryview(data)
     report = {
@@ -61,7 +64,13 @@ def stream_entropy_report(data: bytes | memoryview) -> dict:
         "methods": {},
         "tensors": [],
     }
+    parameters: dict = {}
     for unit in container.iter_units(view):
+        if unit.type == UnitType.PARAMETER_SET:
+            parameters = container.parse_parameter_set(unit.payload)
+        if unit.type == UnitType.PACK:
+            _add_row(report, _pack_row(unit, parameters.get("tensor_count")))
+            continue
         if unit.type != UnitType.DATA:
             report["container_bytes"] += unit.size
             continue
@@ -90,17 +99,47 @@ def stream_entropy_report(data: bytes | memoryview) -> dict:
             "ideal_payload_bytes": stats.ideal_bits / 8,
             "empirical_payload_bytes": stats.empirical_bits / 8,
         }
-        report["tensors"].append(row)
-        for key in ("framing_bytes", "name_bytes", "header_bytes", "model_bytes", "payload_bytes", "ideal_payload_bytes", "empirical_payload_bytes"):
-            report[key] += row[key]
-        for method, count in stats.methods.items():
-            report["methods"][method] = report["methods"].get(method, 0) + count
+        _add_row(report, row)
     side = sum(report[k] for k in ("container_bytes", "framing_bytes", "name_bytes", "header_bytes", "model_bytes"))
     report["side_info_bytes"] = side
     report["ideal_total_bytes"] = side + report["ideal_payload_bytes"]
     report["overhead_percent"] = _percent_above(report["total_bytes"], report["ideal_total_bytes"])
     report["payload_overhead_percent"] = _percent_above(report["payload_bytes"], report["ideal_payload_bytes"])
     return report
+
+
+def _pack_row(unit: container.Unit, tensor_count) -> dict:
+    """The pack unit as one row: its names, its headers (positions, descriptors, shapes) and the values' streams."""
+    if not isinstance(tensor_count, int) or isinstance(tensor_count, bool):
+        raise BitstreamError(None, "parameter set has a malformed tensor_count")
+    stats = StreamStats()
+    pack = decode_pack(unit.payload, tensor_count, stats)
+    header_bytes = len(unit.payload) - pack.name_bytes - stats.side_bytes - stats.payload_bytes
+    if header_bytes < 0:
+        raise BitstreamError(None, "pack unit accounting does not add up")
+    return {
+        "name": f"(pack of {len(pack.tensors)} tensors)",
+        "role": "exact" if all(t.role == TensorRole.EXACT for t in pack.tensors) else "mixed",
+        "coding": "packed",
+        "values": sum(t.array.size for t in pack.tensors),
+        "methods": dict(stats.methods),
+        "unit_bytes": unit.size,
+        "framing_bytes": unit.size - len(unit.payload),
+        "name_bytes": pack.name_bytes,
+        "header_bytes": header_bytes,
+        "model_bytes": stats.side_bytes,
+        "payload_bytes": stats.payload_bytes,
+        "ideal_payload_bytes": stats.ideal_bits / 8,
+        "empirical_payload_bytes": stats.empirical_bits / 8,
+    }
+
+
+def _add_row(report: dict, row: dict) -> None:
+    report["tensors"].append(row)
+    for key in ("framing_bytes", "name_bytes", "header_bytes", "model_bytes", "payload_bytes", "ideal_payload_bytes", "empirical_payload_bytes"):
+        report[key] += row[key]
+    for method, count in row["methods"].items():
+        report["methods"][method] = report["methods"].get(method, 0) + count
 
 
 def describe_entropy_report(report: dict) -> str:

@@ -77,16 +77,21 @@ def reconstruction(tensor: Tensor, quantized: Quantized | None) -> np.ndarray:
     return np.asarray(values.astype(numpy_dtype(tensor.dtype), copy=False)).reshape(tensor.array.shape)
 
 
+def is_quantized(tensor: Tensor, settings: QuantSettings, quantized: Quantized | None = None) -> bool:
+    """Whether `encode_tensor` codes this tensor's quantized levels rather than its exact values."""
+    return quantized is not None or (tensor.role != TensorRole.EXACT and tensor.dtype in FLOAT_DTYPES and not settings.lossless)
+
+
+def exact_coding(dtype: str) -> Coding:
+    """How a tensor of `dtype` is coded bit-exactly."""
+    return Coding.INT_VALUES if dtype not in FLOAT_DTYPES and dtype != "uint64" else Coding.BYTE_PLANES
+
+
 def encode_tensor(tensor: Tensor, settings: QuantSettings, quantized: Quantized | None = None) -> bytes:
     """Code one tensor into a data-unit payload (`quantized`: its levels, when already chosen with `settings`)."""
     array = tensor.array
     quantized = coded_levels(tensor, settings, quantized)
-    if quantized is not None:
-        coding = Coding.QUANTIZED
-    elif tensor.dtype not in FLOAT_DTYPES and tensor.dtype != "uint64":
-        coding = Coding.INT_VALUES
-    else:
-        coding = Coding.BYTE_PLANES
+    coding = Coding.QUANTIZED if quantized is not None else exact_coding(tensor.dtype)
 
     writer = ByteWriter()
     write_name(writer, tensor.name)
@@ -125,7 +130,7 @@ def encode_tensor(tensor: Tensor, settings: QuantSettings, quantized: Quantized 
     elif coding == Coding.INT_VALUES:
         writer.raw(encode_integers(array))
     else:
-        planes = _byte_planes(array)
+        planes = byte_planes(array)
         for plane in planes[:-1]:
             writer.blob(encode_integers(plane.reshape(array.shape)))
         writer.raw(encode_integers(planes[-1].reshape(array.shape)))
@@ -188,16 +193,16 @@ def decode_tensor(payload: bytes | memoryview, stats: StreamStats | None = None)
             array = dequantize(array, header.steps, header.chain).astype(target, copy=False)
     elif header.coding == Coding.INT_VALUES:
         values = decode_integers(reader.raw(reader.remaining), header.shape, stats)
-        array = _cast_integers(values, target, header.name).reshape(header.shape)
+        array = cast_integers(values, target, header.name).reshape(header.shape)
     else:
         planes = [decode_integers(reader.blob(), header.shape, stats) for _ in range(target.itemsize - 1)]
         planes.append(decode_integers(reader.raw(reader.remaining), header.shape, stats))
-        array = _from_byte_planes(planes, target, header.shape)
+        array = from_byte_planes(planes, target, header.shape)
     # 0-d arithmetic yields numpy scalars; formats expect arrays of the declared shape.
     return Tensor(header.name, np.asarray(array).reshape(header.shape), header.role)
 
 
-def _cast_integers(values: np.ndarray, target: np.dtype, name: str) -> np.ndarray:
+def cast_integers(values: np.ndarray, target: np.dtype, name: str) -> np.ndarray:
     """Integer values in the tensor's dtype; values outside its range mean a corrupt stream."""
     if values.size:
         if target == np.bool_:
@@ -270,7 +275,7 @@ def _dependent_levels(levels: np.ndarray, name: str) -> np.ndarray:
     return levels.astype(np.int32)
 
 
-def _byte_planes(array: np.ndarray) -> list[np.ndarray]:
+def byte_planes(array: np.ndarray) -> list[np.ndarray]:
     """Column j holds byte j (little-endian) of every element."""
     little = np.ascontiguousarray(array).view(np.uint8).reshape(array.size, array.dtype.itemsize)
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and np.little_endian is False):
@@ -278,7 +283,7 @@ def _byte_planes(array: np.ndarray) -> list[np.ndarray]:
     return [little[:, j] for j in range(little.shape[1])]
 
 
-def _from_byte_planes(planes: list[np.ndarray], dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+def from_byte_planes(planes: list[np.ndarray], dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     if any(p.min(initial=0) < 0 or p.max(initial=0) > 255 for p in planes):
         raise BitstreamError(None, "byte plane holds values outside 0..255")
     raw = np.stack(planes, axis=1).astype(np.uint8) if planes else np.zeros((0, 0), np.uint8)

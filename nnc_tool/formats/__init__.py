@@ -186,6 +186,25 @@ def check_output_suffix(format_name: str, path: str | os.PathLike) -> None:
         )
 
 
+def optimizer_state_tensors(model: Model) -> set[str]:
+    """Names of the tensors that only a training checkpoint's optimizer (scheduler, scaler) state holds."""
+    if model.format != "torch-state-dict":
+        return set()
+    from . import torch_format
+
+    return torch_format.optimizer_state_tensors(model)
+
+
+def drop_optimizer_state(model: Model, path: str | os.PathLike | None = None) -> tuple[Model, int]:
+    """The model without its optimizer (scheduler, scaler) state, and how many tensors were dropped;
+    models without any (every format but torch-state-dict checkpoints) come back unchanged with 0."""
+    if model.format != "torch-state-dict":
+        return model, 0
+    from . import torch_format
+
+    return torch_format.drop_optimizer_state(model, path)
+
+
 def write_model(model: Model, path: str | os.PathLike) -> None:
     """Write a model in the format it came from."""
     check_output_suffix(model.format, path)

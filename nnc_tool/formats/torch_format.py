@@ -29,6 +29,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from ..errors import FormatError
+from ..errors import FormatError, UsageError
 from ..fileio import atomic_output
 from ..model import default_role, dtype_name, Model, numpy_dtype, Tensor, TensorRole
 
@@ -258,6 +259,17 @@ def _load_weights_only(path: Path) -> Any:
 
 
 _TRAINING_STATE_KEYS = re.compile(r"optim|scheduler|scaler|ema_state|rng_state", re.IGNORECASE)
+# The keys that make a dict the state_dict() of a torch.optim.Optimizer, an LR scheduler or an AMP
+# GradScaler, whatever key holds it.
+_TRAINING_STATE_SHAPES = (
+    frozenset({"state", "param_groups"}),
+    frozenset({"last_epoch", "base_lrs"}),
+    frozenset({"scale", "growth_factor", "backoff_factor", "growth_interval"}),
+)
+
+
+def _has_training_state_keys(keys: set[Any]) -> bool:
+    return any(shape <= keys for shape in _TRAINING_STATE_SHAPES)
 
 
 def _is_training_state(keys: list[Any]) -> bool:
@@ -282,6 +294,7 @@ class _Collector:
         self.leaves: list[tuple[str, torch.Tensor, dict[str, Any]]] = []
         self.used_names: set[str] = set()
         self.training_state: set[str] = set()  # optimizer/scheduler tensors: kept exact
+        self._training_depth = 0  # > 0 inside a dict recognised as optimizer/scheduler/scaler state
 
     def unique_name(self, keys: list[Any]) -> str:
         # Names are labels only: the JSON node says where a tensor goes, so keys containing
@@ -302,12 +315,17 @@ class _Collector:
             if obj.requires_grad:
                 node["grad"] = True
             name = self.unique_name(keys)
-            if _is_training_state(keys):
+            if self._training_depth or _is_training_state(keys):
                 self.training_state.add(name)
             self.leaves.append((name, obj, node))
             return node
         if type(obj) in (dict, collections.OrderedDict):
-            node = {"dict": [[self.encode_key(k), self.encode(v, keys + [k])] for k, v in obj.items()]}
+            training = _has_training_state_keys(set(obj))
+            self._training_depth += training
+            try:
+                node = {"dict": [[self.encode_key(k), self.encode(v, keys + [k])] for k, v in obj.items()]}
+            finally:
+                self._training_depth -= training
             if type(obj) is collections.OrderedDict:
                 node["ordered"] = True
                 # state_dict() attaches per-module versions as `_metadata`; load_state_dict
@@ -389,6 +407,80 @@ class _Collector:
             ):
                 return i
         return None
+
+
+def optimizer_state_tensors(model: Model) -> set[str]:
+    """Names of the stored tensors that only optimizer, LR-scheduler or GradScaler state holds.
+
+    A torch-state-dict checkpoint's state is recognised by shape, under any key: a dict with
+    'state' and 'param_groups' (torch.optim.Optimizer.state_dict()), with 'last_epoch' and
+    'base_lrs' (LR schedulers), or with GradScaler's 'scale' and growth settings. Empty for
+    every other model.
+    """
+    if model.format != "torch-state-dict":
+        return set()
+    header, _ = _unpack_topology(Path("<model>"), model.topology)
+    kept = _tensor_references(_without_training_state(header["root"]))
+    return {t.name for t in model.tensors} - kept
+
+
+def drop_optimizer_state(model: Model, path: str | os.PathLike | None = None) -> tuple[Model, int]:
+    """The checkpoint without its optimizer/scheduler/scaler state (see `optimizer_state_tensors`),
+    and how many stored tensors went with it. The rest (model weights, epoch, step, ...) is kept as
+    it was; a model without such state comes back unchanged with 0."""
+    dropped = optimizer_state_tensors(model)
+    if model.format != "torch-state-dict" or not dropped:
+        return model, 0
+    header, blob = _unpack_topology(Path("<model>"), model.topology)
+    root = _without_training_state(header["root"])
+    if root is None:
+        raise UsageError(path, "the checkpoint holds nothing but optimizer state: --drop-optimizer-state would leave nothing")
+    header = {**header, "root": root, "tensors": [e for e in header["tensors"] if e["name"] not in dropped]}
+    tensors = [t for t in model.tensors if t.name not in dropped]
+    return replace(model, topology=_pack_topology(header, blob), tensors=tensors), len(dropped)
+
+
+def _is_training_state_node(node: Any) -> bool:
+    if not isinstance(node, dict) or "dict" not in node:
+        return False
+    keys = {key["v"] for key, _ in node["dict"] if isinstance(key, dict) and "v" in key}
+    return _has_training_state_keys(keys)
+
+
+def _without_training_state(node: Any) -> Any:
+    """The topology node with every dict entry that holds training state (or a list/tuple of
+    only such states, as Lightning's 'optimizer_states') removed; None if the node itself is one."""
+    if _is_training_state_node(node):
+        return None
+    if not isinstance(node, dict):
+        return node
+    if "dict" in node:
+        entries = []
+        for key, value in node["dict"]:
+            items = value.get("list", value.get("tuple")) if isinstance(value, dict) else None
+            if _is_training_state_node(value) or (items and all(_is_training_state_node(v) for v in items)):
+                continue
+            entries.append([key, _without_training_state(value)])
+        return {**node, "dict": entries}
+    for container in ("list", "tuple", "set", "frozenset"):
+        if container in node:
+            return {**node, container: [_without_training_state(v) for v in node[container]]}
+    return node
+
+
+def _tensor_references(node: Any) -> set[str]:
+    """Names of the stored tensors a topology node refers to."""
+    names: set[str] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("tensor"), str):
+                names.add(item["tensor"])
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return names
 
 
 def _read_state_dict(path: Path) -> Model:
