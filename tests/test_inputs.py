@@ -259,3 +259,30 @@ def test_model_inputs_select_and_repeat_keep_the_layout(models) -> None:
     twice = probe.repeat(2)
     assert len(twice) == 6 and twice.stacked("sr") and not twice.stacked("input")
     assert isinstance(twice.select(np.array([0, 5])), ModelInputs) and len(twice.select(np.array([0, 5]))) == 2
+
+
+def test_named_and_legacy_calibration_give_the_same_pruned_stream(tmp_path) -> None:
+    x = np.load(SAMPLES / "digits_calib.npz")["x"]
+    np.savez(tmp_path / "named.npz", input=x)
+    common = ("--prune", "structured", "--importance", "activation", "--sparsity", "0.3", "-q")
+    legacy = run_cli("encode", SAMPLES / "lenet.onnx", "-o", tmp_path / "a.nnc", "--calib", SAMPLES / "digits_calib.npz", *common)
+    named = run_cli("encode", SAMPLES / "lenet.onnx", "-o", tmp_path / "b.nnc", "--calib", tmp_path / "named.npz", *common)
+    assert legacy.exit_code == 0 and named.exit_code == 0, legacy.output + named.output
+    assert (tmp_path / "a.nnc").read_bytes() == (tmp_path / "b.nnc").read_bytes()
+
+
+def test_batch_encode_binds_calibration_to_each_model(models, transformer_npz, tmp_path) -> None:
+    result = run_cli("encode", "-d", tmp_path / "out", "--calib", transformer_npz, models["transformer"], models["bytes"], "-q")
+    assert result.exit_code == 2
+    assert (tmp_path / "out" / "transformer.nnc").is_file() and not (tmp_path / "out" / "bytes.nnc").exists()
+    assert result.stderr.strip().splitlines() == [
+        f"nnc: error: {models['bytes']}: {transformer_npz}: array 'input_ids' is not a model input (model inputs: bytes)"
+    ]
+
+
+def test_accuracy_target_on_named_labelled_data(models, transformer_npz, tmp_path) -> None:
+    result = run_cli("encode", models["transformer"], "-o", tmp_path / "m.nnc", "--max-acc-drop", "5", "--data", transformer_npz,
+                     "--json")
+    assert result.exit_code == 0, result.output
+    rate = json.loads(result.stdout)["rate_control"]
+    assert rate["chosen_qp"] is not None and "(original 100.00 %)" in rate["achieved"]
