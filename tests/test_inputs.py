@@ -286,3 +286,32 @@ def test_accuracy_target_on_named_labelled_data(models, transformer_npz, tmp_pat
     assert result.exit_code == 0, result.output
     rate = json.loads(result.stdout)["rate_control"]
     assert rate["chosen_qp"] is not None and "(original 100.00 %)" in rate["achieved"]
+
+
+def test_probe_takes_a_traced_length_from_a_reshape_and_ones_for_a_mask_compared_with_zero(tmp_path) -> None:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "input_ids"], ["e"]),
+            helper.make_node("Reshape", ["e", "shape"], ["r"]),  # an export that baked in length 10
+            helper.make_node("Equal", ["attention_mask", "zero"], ["padding"]),
+            helper.make_node("Not", ["padding"], ["keep"]),
+            helper.make_node("Cast", ["keep"], ["keepf"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["keepf", "last"], ["keep3"]),
+            helper.make_node("Mul", ["r", "keep3"], ["y"]),
+        ],
+        "traced",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10, 4])],
+        [
+            numpy_helper.from_array(np.ones((20, 4), np.float32), "table"),
+            numpy_helper.from_array(np.array([-1, 10, 4], np.int64), "shape"),
+            numpy_helper.from_array(np.array(0, np.int64), "zero"),
+            numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        ],
+    )
+    model = read_model(_save(graph, tmp_path / "traced.onnx"))
+    probe = probe_inputs(model, samples=2)
+    assert probe.arrays["input_ids"].shape == (2, 10) and probe.arrays["input_ids"].max() < 20
+    assert (probe.arrays["attention_mask"] == 1).all()
+    (y,) = run_model(model, probe)
+    assert y.shape == (2, 10, 4) and (y == 1).all()
