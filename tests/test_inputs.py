@@ -315,3 +315,18 @@ def test_probe_takes_a_traced_length_from_a_reshape_and_ones_for_a_mask_compared
     assert (probe.arrays["attention_mask"] == 1).all()
     (y,) = run_model(model, probe)
     assert y.shape == (2, 10, 4) and (y == 1).all()
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+def test_calibration_with_stacked_samples_runs_one_sample_at_a_time(models, tmp_path, mode) -> None:
+    rng = np.random.default_rng(2)
+    data = tmp_path / "vad.npz"
+    np.savez(data, input=rng.standard_normal((12, 64)).astype(np.float32), state=np.zeros((12, 2, 1, 8), np.float32),
+             sr=np.full(12, 16000, np.int64))
+    output = tmp_path / "vad.nnc"
+    result = run_cli("encode", models["vad"], "-o", output, "--calib", data, "--calib-mode", mode, "--qp", "-30", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["calibration_mode"] == mode
+    assert mode == "fast" or report["feedback_layers"] == 2  # both MatMuls got measured Hessians
+    assert _snr(models["vad"], output, load_inputs(data, read_model(models["vad"]))) > 20.0
