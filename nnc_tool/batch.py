@@ -104,7 +104,14 @@ def encode_one(
                             calibration=calibration, progress=progress, target=target, evaluation=evaluation,
                             drop_optimizer_state=drop_optimizer_state)
     except NncError as err:
-        message = str(err) if err.path is not None else f"{model_path}: {err.problem}"
+        # Name the model first when the error is about another file (e.g. calibration data that
+        # does not fit this model's inputs): in a batch it tells which model failed.
+        if err.path is None:
+            message = f"{model_path}: {err.problem}"
+        elif err.path in (model_path, output_path):
+            message = str(err)
+        else:
+            message = f"{model_path}: {err}"
         return Outcome(model_path, output_path, error=message, exit_code=err.exit_code)
     except OSError as err:
         return Outcome(model_path, output_path, error=f"{err.filename or model_path}: {err.strerror or err}", exit_code=2)

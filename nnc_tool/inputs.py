@@ -95,7 +95,7 @@ def input_signature(model: Model) -> list[InputSpec]:
     return specs
 
 
-@dataclass
+@dataclass(eq=False)  # arrays have no single truth value: compare the arrays themselves
 class ModelInputs:
     """Named samples for a model (see the module docstring for the layout).
 
@@ -103,6 +103,7 @@ class ModelInputs:
     `signature` is the model's input signature they were checked against (None: not bound to a
     model, e.g. read before the model is known or for a PyTorch model); `labels` are the
     optional integer labels ('y'); `source` names the file they came from, for error messages.
+    `_stacked` (by name: samples on an extra first axis) is derived from the signature unless given.
     """
 
     arrays: dict[str, np.ndarray]
@@ -370,6 +371,8 @@ _POSITION_NAMES = re.compile(r"position", re.IGNORECASE)
 _SPATIAL_CANDIDATES = (224, 64, 32, 28, 16, 8)
 _SEQUENCE_CANDIDATES = (16, 8, 32, 64, 4, 1)
 _CHANNELS = 3
+# At most this many sizes named by Reshape constants are tried after the candidates above.
+_IMPLIED_TRIALS = 8
 # Integer inputs the graph says nothing about take values in [0, _INTEGER_RANGE).
 _INTEGER_RANGE = 16
 # Ops through which an integer input keeps its values (as far as the bound of an index goes).
@@ -388,18 +391,21 @@ def probe_inputs(model: Model, samples: int = 8, seed: int = 0) -> ModelInputs:
     channel axis (axis 1 of a rank >= 3 float input) is 3. Other dynamic dimensions are spatial
     (axes >= 2 of rank >= 3 float inputs, or named height/width/size) or sequence-like (the
     rest: token, time and sequence axes); they take candidate values - spatial 224, 64, 32, 28,
-    16, 8; sequence 16, 8, 32, 64, 4, 1 - tried together in that order until the model runs on
-    one sample in onnxruntime (so a Reshape or a stride pattern that constrains them is met).
+    16, 8; sequence 16, 8, 32, 64, 4, 1; then the sizes Reshape shapes name as constants (a
+    traced length baked into an export) - tried together in that order until the model runs on
+    one sample in onnxruntime with the declared output sizes and batch 1 (so a Reshape or a
+    stride pattern that constrains them is met).
 
     Values. Float inputs are standard normal, except state inputs of recurrent models (names
     like state, hidden, cache, h0/c0, or feeding an LSTM/GRU/RNN's initial state) which are
     zeros. Integer (and bool) inputs take what the graph implies, following the input forward
     through value-keeping ops (Cast, Unsqueeze, Squeeze, Reshape, Expand, Slice, ... and Add/Sub
     of a constant, whose offset is accounted for), a few nodes deep:
-    compared by Equal with a constant -> that constant (silero's sr == 16000); names with
-    'mask' -> ones; token_type_ids / segment ids -> zeros; position ids -> 0, 1, 2, ... along the
-    last axis; indices of a Gather from a constant table -> uniform below the table's size on
-    the gathered axis (less any added offset); otherwise uniform in [0, 16), clipped to the type.
+    names with 'mask' -> ones (even where the graph compares them with 0); token_type_ids /
+    segment ids -> zeros; compared by Equal with a constant -> that constant (silero's
+    sr == 16000); position ids -> 0, 1, 2, ... along the last axis; indices of a Gather from a
+    constant table -> uniform below the table's size on the gathered axis (less any added
+    offset); otherwise uniform in [0, 16), clipped to the type.
     """
     if model.format != "onnx":
         raise UsageError(None, f"probe inputs need an ONNX model's input signature; this is a {model.format} model")
@@ -409,7 +415,7 @@ def probe_inputs(model: Model, samples: int = 8, seed: int = 0) -> ModelInputs:
     proto = to_proto(model, max_elements=64)  # dims of every tensor, values of the small ones
     facts = _GraphFacts(proto.graph)
     plans = [_dimension_plan(spec, signature) for spec in signature]
-    assignment = _choose_dimensions(model, signature, plans)
+    assignment = _choose_dimensions(model, signature, plans, facts.reshape_sizes())
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     stacked: dict[str, bool] = {}
@@ -448,8 +454,10 @@ def _dimension_plan(spec: InputSpec, signature: list[InputSpec]) -> list[tuple[t
     return plan
 
 
-def _choose_dimensions(model: Model, signature: list[InputSpec], plans) -> dict:
-    """Values for the dimensions to choose: the first candidate row on which the model runs."""
+def _choose_dimensions(model: Model, signature: list[InputSpec], plans, implied: Sequence[int] = ()) -> dict:
+    """Values for the dimensions to choose: the first candidate row on which the model runs
+    (the standard candidates, then each size a Reshape of the graph names, for graphs exported
+    with a traced length baked in)."""
     keys = sorted({key for plan in plans for key, _ in plan if key is not None})
     if not keys:
         return {}
@@ -461,12 +469,17 @@ def _choose_dimensions(model: Model, signature: list[InputSpec], plans) -> dict:
         {key: (_SPATIAL_CANDIDATES if key[0] == "spatial" else _SEQUENCE_CANDIDATES)[k] for key in keys}
         for k in range(len(_SPATIAL_CANDIDATES))
     ]
+    rows += [{key: size for key in keys} for size in implied if size not in _SEQUENCE_CANDIDATES][:_IMPLIED_TRIALS]
     try:
+        import onnxruntime as ort
+
         from .formats.onnx_format import runtime_proto
         from .graph.onnx_util import cpu_session
 
         proto, weights = runtime_proto(model)
         session = cpu_session(proto, threads=1, initializers=weights)
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a size that does not fit is expected here, not an error to print
     except Exception:  # a model onnxruntime cannot load: the caller's run will say why
         return rows[0]
     for row in rows:
@@ -475,7 +488,7 @@ def _choose_dimensions(model: Model, signature: list[InputSpec], plans) -> dict:
             shape = tuple(row.get(key, value) if key is not None else value for key, value in plan)
             feeds[spec.name] = np.zeros(shape, dtype=spec.dtype) if spec.dtype.kind != "f" else np.full(shape, 0.1, spec.dtype)
         try:
-            outputs = session.run(None, feeds)
+            outputs = session.run(None, feeds, quiet)
         except Exception:  # this size does not fit the graph: try the next
             continue
         if all(_fits(np.asarray(o), meta.shape, batch_names) for o, meta in zip(outputs, session.get_outputs())):
@@ -502,6 +515,8 @@ class _GraphFacts:
     def __init__(self, graph) -> None:
         from onnx import numpy_helper
 
+        self.nodes = list(graph.node)
+        self.producers = {out: node for node in graph.node for out in node.output if out}
         self.consumers: dict[str, list[tuple[object, int]]] = {}
         for node in graph.node:
             for index, name in enumerate(node.input):
@@ -530,6 +545,24 @@ class _GraphFacts:
                     value = np.asarray(attr.i if attr.name == "value_int" else list(attr.ints), dtype=np.int64)
                     self.values[node.output[0]] = value
                     self.dims[node.output[0]] = value.shape
+
+    def reshape_sizes(self) -> list[int]:
+        """The distinct sizes (2..4096) that Reshape shapes name as constants, in graph order:
+        the shape itself or the constants it is assembled from (Concat of Unsqueezed scalars)."""
+        sizes: dict[int, None] = {}
+        for node in self.nodes:
+            if node.op_type != "Reshape" or len(node.input) < 2:
+                continue
+            frontier = [node.input[1]]
+            for _ in range(3):
+                following = []
+                for name in frontier:
+                    if name in self.values:
+                        sizes.update(dict.fromkeys(int(v) for v in self.values[name].reshape(-1) if 2 <= v <= 4096))
+                    elif name in self.producers and self.producers[name].op_type in ("Concat", "Unsqueeze", "Cast", "Squeeze"):
+                        following.extend(n for n in self.producers[name].input if n)
+                frontier = following
+        return list(sizes)
 
     def scalar(self, name: str) -> float | None:
         value = self.values.get(name)
@@ -601,13 +634,15 @@ def _probe_values(spec: InputSpec, shape: tuple[int, ...], facts: _GraphFacts, r
             return np.ones(shape, dtype)
         return rng.integers(0, 2, shape).astype(dtype)
     info = np.iinfo(dtype)
-    constant = facts.equal_constant(spec.name)
-    if constant is not None and info.min <= constant <= info.max:
-        return np.full(shape, int(constant), dtype)
+    # Names first: a mask is typically compared with 0 (mask == 0 marks padding), yet all ones is
+    # the realistic mask.
     if _MASK_NAMES.search(spec.name):
         return np.ones(shape, dtype)
     if _ZERO_NAMES.search(spec.name):
         return np.zeros(shape, dtype)
+    constant = facts.equal_constant(spec.name)
+    if constant is not None and info.min <= constant <= info.max:
+        return np.full(shape, int(constant), dtype)
     bound = facts.gather_bound(spec.name)
     if _POSITION_NAMES.search(spec.name) and len(shape) >= 2:
         positions = np.arange(shape[-1]) if bound is None else np.arange(shape[-1]) % max(bound, 1)

@@ -259,3 +259,74 @@ def test_model_inputs_select_and_repeat_keep_the_layout(models) -> None:
     twice = probe.repeat(2)
     assert len(twice) == 6 and twice.stacked("sr") and not twice.stacked("input")
     assert isinstance(twice.select(np.array([0, 5])), ModelInputs) and len(twice.select(np.array([0, 5]))) == 2
+
+
+def test_named_and_legacy_calibration_give_the_same_pruned_stream(tmp_path) -> None:
+    x = np.load(SAMPLES / "digits_calib.npz")["x"]
+    np.savez(tmp_path / "named.npz", input=x)
+    common = ("--prune", "structured", "--importance", "activation", "--sparsity", "0.3", "-q")
+    legacy = run_cli("encode", SAMPLES / "lenet.onnx", "-o", tmp_path / "a.nnc", "--calib", SAMPLES / "digits_calib.npz", *common)
+    named = run_cli("encode", SAMPLES / "lenet.onnx", "-o", tmp_path / "b.nnc", "--calib", tmp_path / "named.npz", *common)
+    assert legacy.exit_code == 0 and named.exit_code == 0, legacy.output + named.output
+    assert (tmp_path / "a.nnc").read_bytes() == (tmp_path / "b.nnc").read_bytes()
+
+
+def test_batch_encode_binds_calibration_to_each_model(models, transformer_npz, tmp_path) -> None:
+    result = run_cli("encode", "-d", tmp_path / "out", "--calib", transformer_npz, models["transformer"], models["bytes"], "-q")
+    assert result.exit_code == 2
+    assert (tmp_path / "out" / "transformer.nnc").is_file() and not (tmp_path / "out" / "bytes.nnc").exists()
+    assert result.stderr.strip().splitlines() == [
+        f"nnc: error: {models['bytes']}: {transformer_npz}: array 'input_ids' is not a model input (model inputs: bytes)"
+    ]
+
+
+def test_accuracy_target_on_named_labelled_data(models, transformer_npz, tmp_path) -> None:
+    result = run_cli("encode", models["transformer"], "-o", tmp_path / "m.nnc", "--max-acc-drop", "5", "--data", transformer_npz,
+                     "--json")
+    assert result.exit_code == 0, result.output
+    rate = json.loads(result.stdout)["rate_control"]
+    assert rate["chosen_qp"] is not None and "(original 100.00 %)" in rate["achieved"]
+
+
+def test_probe_takes_a_traced_length_from_a_reshape_and_ones_for_a_mask_compared_with_zero(tmp_path) -> None:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "input_ids"], ["e"]),
+            helper.make_node("Reshape", ["e", "shape"], ["r"]),  # an export that baked in length 10
+            helper.make_node("Equal", ["attention_mask", "zero"], ["padding"]),
+            helper.make_node("Not", ["padding"], ["keep"]),
+            helper.make_node("Cast", ["keep"], ["keepf"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["keepf", "last"], ["keep3"]),
+            helper.make_node("Mul", ["r", "keep3"], ["y"]),
+        ],
+        "traced",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10, 4])],
+        [
+            numpy_helper.from_array(np.ones((20, 4), np.float32), "table"),
+            numpy_helper.from_array(np.array([-1, 10, 4], np.int64), "shape"),
+            numpy_helper.from_array(np.array(0, np.int64), "zero"),
+            numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        ],
+    )
+    model = read_model(_save(graph, tmp_path / "traced.onnx"))
+    probe = probe_inputs(model, samples=2)
+    assert probe.arrays["input_ids"].shape == (2, 10) and probe.arrays["input_ids"].max() < 20
+    assert (probe.arrays["attention_mask"] == 1).all()
+    (y,) = run_model(model, probe)
+    assert y.shape == (2, 10, 4) and (y == 1).all()
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+def test_calibration_with_stacked_samples_runs_one_sample_at_a_time(models, tmp_path, mode) -> None:
+    rng = np.random.default_rng(2)
+    data = tmp_path / "vad.npz"
+    np.savez(data, input=rng.standard_normal((12, 64)).astype(np.float32), state=np.zeros((12, 2, 1, 8), np.float32),
+             sr=np.full(12, 16000, np.int64))
+    output = tmp_path / "vad.nnc"
+    result = run_cli("encode", models["vad"], "-o", output, "--calib", data, "--calib-mode", mode, "--qp", "-30", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["calibration_mode"] == mode
+    assert mode == "fast" or report["feedback_layers"] == 2  # both MatMuls got measured Hessians
+    assert _snr(models["vad"], output, load_inputs(data, read_model(models["vad"]))) > 20.0

@@ -361,8 +361,8 @@ def plan_quantization(
     `allocate` / `error_feedback` default to the settings' fields. `calibration`: ModelInputs (or
     a bare array for a one-input model, see nnc_tool.inputs). `run_model(model, x)` returns the
     first output for a batch of a non-ONNX model (only used with calibration data; ONNX models
-    run in onnxruntime on all their inputs and outputs). Returns the model unchanged and no per-tensor settings when there is nothing
-    to do (lossless, `bits` mode, allocate=False without calibration). `cache` (a dict the
+    run in onnxruntime on all their inputs and outputs). Returns the model unchanged and no
+    per-tensor settings when there is nothing to do (lossless, `bits` mode, allocate=False without calibration). `cache` (a dict the
     caller keeps) holds what depends on the model and calibration data but not on the QP
     (sensitivities, layer Hessians), so repeated plans at other QPs (rate control) skip them.
     `moments` (graph.activation_stats.channel_moments of the model before BatchNorm folding)
