@@ -98,9 +98,8 @@ def probabilities(network: SileroVad, inputs: Inputs) -> np.ndarray:
         torch.set_num_threads(threads)
 
 
-def evaluate(original: Path, rebuilt: Path, inputs: Inputs) -> Fidelity:
+def decision_fidelity(reference: np.ndarray, decoded: np.ndarray) -> Fidelity:
     """Agreement of the per-chunk speech decision (probability > 0.5) over all chunks of all clips."""
-    reference, decoded = probabilities(load(original), inputs), probabilities(load(rebuilt), inputs)
     return Fidelity(
         output_snr_db=snr_db(reference, decoded),
         agreement=100.0 * float(np.mean((reference > SPEECH_THRESHOLD) == (decoded > SPEECH_THRESHOLD))),
@@ -110,6 +109,10 @@ def evaluate(original: Path, rebuilt: Path, inputs: Inputs) -> Fidelity:
             "original_speech_chunks": 100.0 * float(np.mean(reference > SPEECH_THRESHOLD)),
         },
     )
+
+
+def evaluate(original: Path, rebuilt: Path, inputs: Inputs) -> Fidelity:
+    return decision_fidelity(probabilities(load(original), inputs), probabilities(load(rebuilt), inputs))
 
 
 MODEL = ZooModel(
