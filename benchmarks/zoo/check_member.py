@@ -36,7 +36,8 @@ def discover() -> dict[str, ZooModel]:
 def bytes_by_top_key(report) -> dict[str, int]:
     groups: dict[str, int] = defaultdict(int)
     for tensor in report.tensors:
-        groups[tensor.name.split("/", 1)[0] if "/" in tensor.name else "(top level)"] += tensor.coded_bytes
+        head, nested, _ = tensor.name.partition("/")
+        groups[head if nested and head else "(top level)"] += tensor.coded_bytes
     return dict(groups)
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import unicodedata
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def derived_path(file_name: str) -> Path:
     return folder / file_name
 
 
-def write_atomically(path: Path, write) -> Path:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     """Run write(temporary path) and move the result into place, so a cache never holds a partial file."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
