@@ -21,6 +21,7 @@ from torch import nn
 from .. import synthetic_voice
 from ..base import Fidelity, Inputs, ZooModel, fetch_wheel_member
 from ..embedding_fidelity import embedding_fidelity
+from ..threads import single_torch_thread
 
 PACKAGE = "resemblyzer"
 VERSION = "0.1.4"
@@ -143,7 +144,7 @@ def load_encoder(path: Path) -> VoiceEncoder:
 
 def utterance_embeddings(encoder: VoiceEncoder, mels: np.ndarray) -> np.ndarray:
     utterances, partials = mels.shape[:2]
-    with torch.inference_mode():
+    with single_torch_thread(), torch.inference_mode():
         embeds = encoder(torch.from_numpy(mels.reshape(utterances * partials, *mels.shape[2:]))).numpy()
     mean = embeds.reshape(utterances, partials, -1).mean(axis=1)
     return mean / np.linalg.norm(mean, axis=1, keepdims=True)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..base import Fidelity, Inputs, ZooModel, fetch_wheel_member
+from ..threads import single_torch_thread
 from . import silero_vad_safetensors as vad
 
 
@@ -19,13 +20,8 @@ def probabilities(path: Path, inputs: Inputs) -> np.ndarray:
     model = torch.jit.load(str(path), map_location="cpu").eval()
     model.reset_states()
     audio = torch.from_numpy(inputs["audio"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see silero_vad_safetensors.probabilities
-    try:
-        with torch.inference_mode():
-            chunks = [model(audio[:, start : start + vad.CHUNK], 16000) for start in range(0, audio.shape[1], vad.CHUNK)]
-    finally:
-        torch.set_num_threads(threads)
+    with single_torch_thread(), torch.inference_mode():
+        chunks = [model(audio[:, start : start + vad.CHUNK], 16000) for start in range(0, audio.shape[1], vad.CHUNK)]
     return torch.cat(chunks, dim=1).numpy()
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from .. import synthetic_voice
 from ..base import Fidelity, Inputs, ZooModel, fetch_wheel_member
 from ..embedding_fidelity import snr_db
+from ..threads import single_torch_thread
 
 PACKAGE = "silero-vad"
 VERSION = "6.2.3"
@@ -88,14 +89,8 @@ def make_inputs(_model_path: Path, samples: int) -> Inputs:
 
 
 def probabilities(network: SileroVad, inputs: Inputs) -> np.ndarray:
-    # 63 small sequential steps: extra intra-op threads only add contention (25x slower beside another job)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            return network(torch.from_numpy(inputs["audio"])).numpy()
-    finally:
-        torch.set_num_threads(threads)
+    with single_torch_thread(), torch.inference_mode():
+        return network(torch.from_numpy(inputs["audio"])).numpy()
 
 
 def decision_fidelity(reference: np.ndarray, decoded: np.ndarray) -> Fidelity:
