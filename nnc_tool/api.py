@@ -26,7 +26,7 @@ from .coding.report import stream_entropy_report
 from .coding.tensors import Coding, TensorHeader, decode_tensor, encode_tensor, read_header
 from .errors import BitstreamError, NncError, UsageError
 from .fileio import atomic_output, release_pages, same_file
-from .formats import FORMATS, check_output_suffix, model_files, read_model, write_model
+from .formats import FORMATS, check_output_suffix, model_files, read_model, role_reasons, write_model
 from .graph.activation_stats import ChannelMoments, channel_moments
 from .graph.measured_stats import measure_channel_moments
 from .model import Model, TensorRole
@@ -51,6 +51,7 @@ class TensorReport:
     step: float | None = None
     qp: int | None = None
     zero_rows: int = 0
+    reason: str | None = None  # why the tensor has its role (formats.role_reasons), not stored in the stream
 
 
 @dataclass
@@ -191,6 +192,7 @@ def write_bitstream(
         del payload, unit
         if progress is not None:
             progress(index + 1, len(model.tensors))
+    _explain_roles(model.format, model.topology, reports)
     return StreamSummary(written, len(topology), reports, plan.corrected, plan.compensated, plan.calibration_mode)
 
 
@@ -407,11 +409,12 @@ def info(bitstream_path: str | os.PathLike, entropy: bool = False) -> StreamInfo
     data = _read_bitstream_file(bitstream_path)
     try:
         units = list(container.iter_units(data))
-        parameters, _ = _side_units(units)
+        parameters, topology = _side_units(units)
         described = [UnitInfo(u.type.name.lower(), u.offset, u.size) for u in units[:2]]
         described += [
             UnitInfo("data", u.offset, u.size, _describe_data_unit(u.payload, u.size)) for u in units[2:]
         ]
+        _explain_roles(parameters["format"], topology, [u.tensor for u in described[2:]])
         entropy_report = stream_entropy_report(data) if entropy else None
     except BitstreamError as err:
         raise BitstreamError(bitstream_path, err.problem) from None
@@ -462,6 +465,17 @@ class _CountingSink:
 
     def write(self, data: bytes) -> int:
         return len(data)
+
+
+def _explain_roles(format_name: str, topology: bytes, reports: list[TensorReport]) -> None:
+    """Fill in each report's `reason`, recomputed from the topology (the bitstream holds none)."""
+    stored = [(r.name, r.dtype, len(r.shape), TensorRole[r.role.upper()]) for r in reports]
+    try:
+        reasons = role_reasons(format_name, topology, stored)
+    except NncError:
+        return  # a damaged topology: the units are still worth listing; decode reports the damage
+    for report, reason in zip(reports, reasons):
+        report.reason = reason
 
 
 def _describe_data_unit(payload: memoryview, unit_size: int) -> TensorReport:
