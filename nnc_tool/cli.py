@@ -434,7 +434,7 @@ def decode(bitstream: str, output: str, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @handle_errors
 def info(bitstream: str, entropy: bool, as_json: bool) -> None:
-    """List the units, tensors, steps and sizes of BITSTREAM."""
+    """List the units, tensors, steps and sizes of BITSTREAM, and why each tensor has its role."""
     stream = api.info(bitstream, entropy=entropy)
     if as_json:
         _print_json(asdict(stream))

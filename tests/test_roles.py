@@ -314,3 +314,38 @@ def test_reasons_for_stored_roles_that_differ_and_other_formats(tmp_path: Path) 
     assert role_reasons("torch-state-dict", b"", [("bn.running_mean", "float32", 1, E)]) == [
         "exact: a buffer or constant the torch-state-dict reader keeps exact"
     ]
+
+
+def test_branch_outputs_lead_to_the_if_outputs_and_graph_outputs_stay_exact(tmp_path: Path) -> None:
+    """Each If branch returns its own Constant matrix, which a MatMul after the If reads; a
+    weight that is also a graph output, or that feeds a Div denominator, is exact."""
+    rng = np.random.default_rng(14)
+
+    def branch(tag: str) -> onnx.GraphProto:
+        value = numpy_helper.from_array((rng.standard_normal((4, 4)) * 0.3).astype(np.float32))
+        return helper.make_graph(
+            [helper.make_node("Constant", [], [f"{tag}.w"], value=value)],
+            tag, [], [helper.make_tensor_value_info(f"{tag}.w", TensorProto.FLOAT, [4, 4])],
+        )
+
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 4)) * 0.3).astype(np.float32), "shown.w"),
+        numpy_helper.from_array((1.0 + rng.random(4)).astype(np.float32), "divisor"),
+    ]
+    nodes = [
+        helper.make_node("If", ["flag"], ["chosen"], name="pick", then_branch=branch("a"), else_branch=branch("b")),
+        helper.make_node("MatMul", ["x", "chosen"], ["h"]),
+        helper.make_node("MatMul", ["h", "shown.w"], ["h2"]),
+        helper.make_node("Div", ["h2", "divisor"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "branch_outputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]), helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]), helper.make_tensor_value_info("shown.w", TensorProto.FLOAT, [4, 4])],
+        inits,
+    )
+    decisions = _decisions(_save(graph, tmp_path, "branch_outputs.onnx"))
+    assert decisions["pick/then_branch/a.w"] == (W, "weight: If -> MatMul B")
+    assert decisions["pick/else_branch/b.w"] == (W, "weight: If -> MatMul B")
+    assert decisions["shown.w"] == (E, "exact: graph output")
+    assert decisions["divisor"] == (E, "exact: feeds Div denominator")
