@@ -19,11 +19,12 @@ to its *real uses*, and then decides (first rule that applies wins):
 5. tiny: 1 element used elementwise, or at most `TINY_ELEMENTS` used elementwise on something
    that is no learned layer's output: EXACT (epsilons, the 1/N of a mean, GELU's 0.5 and
    0.044715, temperatures, RGB means);
-6. otherwise the tensor is learned: WEIGHT if every use is a weight slot (Conv/Gemm/MatMul/
-   Einsum/LSTM/GRU/RNN weights, Gather tables) and it has at least 2 axes and more than
-   `TINY_ELEMENTS` values; NONWEIGHT for biases, scales and norm parameters (`BIAS_SLOTS`,
-   elementwise uses) with at most one axis longer than 1 (a [1, 512, 1] scale is 1-D) and for
-   tiny or 1-D weights.
+6. otherwise the tensor is learned: WEIGHT if it has at least 2 axes and more than
+   `TINY_ELEMENTS` values and either every use is a weight slot (Conv/Gemm/MatMul/Einsum/LSTM/
+   GRU/RNN weights, Gather tables) or two of its axes are longer than 1 (a positional embedding
+   added to activations); NONWEIGHT otherwise: biases, scales and norm parameters (`BIAS_SLOTS`,
+   elementwise uses) with at most one axis longer than 1 (a [1, 512, 1] scale is 1-D), and tiny
+   or 1-D weights.
 
 Why tiny tensors used elementwise are exact, but a 1-element bias of a 1-output Conv or Gemm is
 not: a slot such as Conv's B or Gemm's C says "learned bias" whatever its size, while a handful
@@ -523,6 +524,71 @@ def _chain(use: _Use, last: str) -> str:
     return " -> ".join((*use.path, last))
 
 
+class _Learned(NamedTuple):
+    """A use in a learned-parameter slot: `kind` weight, bias or elementwise, and its `what`
+    (the slot's label, or for elementwise uses the learned layer the other operand carries)."""
+
+    kind: str
+    use: _Use
+    what: str
+
+
+def _classify(analysis: _Analysis, use: _Use) -> _Learned | str:
+    """The learned-parameter use `use` is, or the reason (text) why it is none."""
+    if use.node == -1:
+        return _chain(use, "graph output")
+    if use.node == -2:
+        return _chain(use, "Loop/Scan body output")
+    node = analysis.graph.nodes[use.node]
+    op, slot = (node.op, use.slot) if node.standard else (node.op, -1)
+    if slot in WEIGHT_SLOTS.get(op, {}):
+        return _Learned("weight", use, f"{op} {WEIGHT_SLOTS[op][slot]}")
+    if op == "Einsum":
+        return _Learned("weight", use, "Einsum operand")
+    if op == "Gather" and slot == 0:
+        return _Learned("weight", use, "Gather table")
+    if slot in BIAS_SLOTS.get(op, {}):
+        return _Learned("bias", use, f"{op} {BIAS_SLOTS[op][slot]}")
+    if op in _ELEMENTWISE and not (op == "Div" and slot == 1):
+        return _Learned("elementwise", use, analysis.other_learned(use) or "")
+    what = _label(op, slot) if slot >= 0 and op in _INPUT_NAMES else op
+    return f"{'' if use.path else 'feeds '}{_chain(use, what)}{_where(analysis, use)}"
+
+
+def _constant_reason(analysis: _Analysis, tensor: TensorInfo, learned: list[_Learned]) -> str | None:
+    """Why a tensor used elementwise is a constant rather than a bias or scale (rules 4 and 5)."""
+    elementwise = [u for u in learned if u.kind == "elementwise"]
+    for use in elementwise:
+        if not use.what:
+            sensitive = analysis.sensitive_after(use.use.node)
+            if sensitive is not None:
+                return f"reaches {sensitive.split(' -> ')[-1]} ({_chain(use.use, sensitive)})"
+    plain = any(not use.what for use in elementwise)
+    if elementwise and (tensor.size <= 1 or (plain and tensor.size <= TINY_ELEMENTS)):
+        count = f"{tensor.size} element" + ("s" if tensor.size != 1 else "")
+        return f"{count}, a constant of {analysis.graph.nodes[elementwise[0].use.node].op}"
+    return None
+
+
+def _learned_decision(analysis: _Analysis, tensor: TensorInfo, learned: list[_Learned]) -> RoleDecision:
+    long_axes = sum(1 for d in tensor.shape if d > 1)
+    weight_like = len(tensor.shape) >= 2 and tensor.size > TINY_ELEMENTS
+    all_weight = all(u.kind == "weight" for u in learned)
+    role = TensorRole.WEIGHT if weight_like and (all_weight or long_axes >= 2) else TensorRole.NONWEIGHT
+    kind, use, what = learned[0]
+    if kind == "weight":
+        text = _chain(use, what)
+    elif kind == "bias":
+        op, name = what.split(" ", 1)
+        text = _chain(use, f"{'bias' if name in ('B', 'C', 'bias') else name} of {op}")
+    else:
+        op = analysis.graph.nodes[use.node].op
+        noun = "bias" if op in ("Add", "Sub") else "scale"
+        text = _chain(use, f"{noun} of {what} ({op})" if what else f"{noun} ({op})")
+    more = f" (+{len(learned) - 1} more use{'s' if len(learned) > 2 else ''})" if len(learned) > 1 else ""
+    return RoleDecision(role, f"{role.name.lower()}: {text}{_where(analysis, use)}{more}")
+
+
 def _decide(analysis: _Analysis, tensor: TensorInfo) -> RoleDecision:
     exact = TensorRole.EXACT
     if tensor.dtype not in FLOAT_DTYPES:
@@ -537,57 +603,16 @@ def _decide(analysis: _Analysis, tensor: TensorInfo) -> RoleDecision:
     uses = analysis.real_uses(tensor.key)
     if not uses:
         return RoleDecision(exact, "exact: unused")
-
-    kinds: list[tuple[str, _Use, str]] = []  # (weight | bias | elementwise, use, learned layer or slot label)
+    learned: list[_Learned] = []
     for use in uses:
-        if use.node == -1:
-            return RoleDecision(exact, f"exact: {_chain(use, 'graph output')}")
-        if use.node == -2:
-            return RoleDecision(exact, f"exact: {_chain(use, 'Loop/Scan body output')}")
-        node = analysis.graph.nodes[use.node]
-        op, slot = (node.op, use.slot) if node.standard else (node.op, -1)
-        if slot in WEIGHT_SLOTS.get(op, {}):
-            kinds.append(("weight", use, f"{op} {WEIGHT_SLOTS[op][slot]}"))
-        elif op == "Einsum":
-            kinds.append(("weight", use, "Einsum operand"))
-        elif op == "Gather" and slot == 0:
-            kinds.append(("weight", use, "Gather table"))
-        elif slot in BIAS_SLOTS.get(op, {}):
-            kinds.append(("bias", use, f"{op} {BIAS_SLOTS[op][slot]}"))
-        elif op in _ELEMENTWISE and not (op == "Div" and slot == 1):
-            kinds.append(("elementwise", use, analysis.other_learned(use) or ""))
-        else:
-            what = _label(op, slot) if slot >= 0 and op in _INPUT_NAMES else op
-            return RoleDecision(exact, f"exact: {'feeds ' if not use.path else ''}{_chain(use, what)}{_where(analysis, use)}")
-
-    elementwise = [(use, layer) for kind, use, layer in kinds if kind == "elementwise"]
-    for use, layer in elementwise:
-        if not layer:
-            sensitive = analysis.sensitive_after(use.node)
-            if sensitive is not None:
-                return RoleDecision(exact, f"exact: reaches {sensitive.split(' -> ')[-1]} ({_chain(use, sensitive)})")
-    if elementwise:
-        plain = any(not layer for _, layer in elementwise)
-        if tensor.size <= 1 or (plain and tensor.size <= TINY_ELEMENTS):
-            count = f"{tensor.size} element" + ("s" if tensor.size != 1 else "")
-            return RoleDecision(exact, f"exact: {count}, a constant of {analysis.graph.nodes[elementwise[0][0].node].op}")
-
-    long_axes = sum(1 for d in tensor.shape if d > 1)
-    weight_like = len(tensor.shape) >= 2 and tensor.size > TINY_ELEMENTS
-    all_weight = all(kind == "weight" for kind, _, _ in kinds)
-    role = TensorRole.WEIGHT if (weight_like and (all_weight or long_axes >= 2)) else TensorRole.NONWEIGHT
-    kind, use, what = kinds[0]
-    node = analysis.graph.nodes[use.node]
-    if kind == "weight":
-        text = _chain(use, what)
-    elif kind == "bias":
-        op, name = what.split(" ", 1)
-        text = _chain(use, f"{'bias' if name in ('B', 'C', 'bias') else name} of {op}")
-    else:
-        noun = "bias" if node.op in ("Add", "Sub") else "scale"
-        text = _chain(use, f"{noun} of {what} ({node.op})" if what else f"{noun} ({node.op})")
-    more = f" (+{len(kinds) - 1} more use{'s' if len(kinds) > 2 else ''})" if len(kinds) > 1 else ""
-    return RoleDecision(role, f"{role.name.lower()}: {text}{_where(analysis, use)}{more}")
+        found = _classify(analysis, use)
+        if isinstance(found, str):
+            return RoleDecision(exact, f"exact: {found}")
+        learned.append(found)
+    constant = _constant_reason(analysis, tensor, learned)
+    if constant is not None:
+        return RoleDecision(exact, f"exact: {constant}")
+    return _learned_decision(analysis, tensor, learned)
 
 
 def decide_roles(graph: ValueGraph, tensors: list[TensorInfo]) -> list[RoleDecision]:
