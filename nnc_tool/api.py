@@ -35,6 +35,7 @@ from .formats import (
     model_files,
     optimizer_state_tensors,
     read_model,
+    role_reasons,
     write_model,
 )
 from .graph.activation_stats import ChannelMoments, channel_moments
@@ -67,6 +68,7 @@ class TensorReport:
     qp: int | None = None
     zero_rows: int = 0
     packed: bool = False  # in the pack unit; coded_bytes is then an even share of that unit
+    reason: str | None = None  # why the tensor has its role (formats.role_reasons), not stored in the stream
 
 
 @dataclass
@@ -238,6 +240,7 @@ def write_bitstream(
         done += 1
         if progress is not None:
             progress(done, len(model.tensors))
+    _explain_roles(model.format, model.topology, reports)
     return StreamSummary(written, len(topology), reports, plan.corrected, plan.compensated, plan.calibration_mode)
 
 
@@ -577,7 +580,7 @@ def info(bitstream_path: str | os.PathLike, entropy: bool = False) -> StreamInfo
     data = _read_bitstream_file(bitstream_path)
     try:
         units = list(container.iter_units(data))
-        parameters, _ = _side_units(units)
+        parameters, topology = _side_units(units)
         described = [UnitInfo(u.type.name.lower(), u.offset, u.size) for u in units[:2]]
         pack, data_units = _split_pack(units, parameters.get("tensor_count"))
         if pack is not None:
@@ -585,6 +588,9 @@ def info(bitstream_path: str | os.PathLike, entropy: bool = False) -> StreamInfo
             described.append(UnitInfo("pack", units[2].offset, units[2].size,
                                       packed=[_describe_tensor(t, share) for t, share in zip(pack.tensors, shares)]))
         described += [UnitInfo("data", u.offset, u.size, _describe_data_unit(u.payload, u.size)) for u in data_units]
+        explained = [u.tensor for u in described if u.tensor is not None]
+        explained += [t for u in described for t in (u.packed or [])]
+        _explain_roles(parameters["format"], topology, explained)
         entropy_report = stream_entropy_report(data) if entropy else None
     except BitstreamError as err:
         raise BitstreamError(bitstream_path, err.problem) from None
@@ -670,6 +676,17 @@ def _describe_tensor(tensor: Tensor, coded_bytes: int) -> TensorReport:
         coded_bytes=coded_bytes,
         packed=True,
     )
+
+
+def _explain_roles(format_name: str, topology: bytes, reports: list[TensorReport]) -> None:
+    """Fill in each report's `reason`, recomputed from the topology (the bitstream holds none)."""
+    stored = [(r.name, r.dtype, len(r.shape), TensorRole[r.role.upper()]) for r in reports]
+    try:
+        reasons = role_reasons(format_name, topology, stored)
+    except NncError:
+        return  # a damaged topology: the units are still worth listing; decode reports the damage
+    for report, reason in zip(reports, reasons):
+        report.reason = reason
 
 
 def _describe_data_unit(payload: memoryview, unit_size: int) -> TensorReport:

@@ -397,7 +397,8 @@ def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: boo
     if verbose:
         for t in report.tensors:
             step = f"step {t.step:.3g}" if t.step is not None else "lossless"
-            echo(f"  {t.name:<40} {t.role:<9} {str(list(t.shape)):<18} {step:<14} {t.coded_bytes:>10} B")
+            why = f"  [{t.reason}]" if t.reason else ""
+            echo(f"  {t.name:<40} {t.role:<9} {str(list(t.shape)):<18} {step:<14} {t.coded_bytes:>10} B{why}")
 
 
 def _optimizer_state_lines(report: api.EncodeReport) -> list[str]:
@@ -454,7 +455,7 @@ def decode(bitstream: str, output: str, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @handle_errors
 def info(bitstream: str, entropy: bool, as_json: bool) -> None:
-    """List the units, tensors, steps and sizes of BITSTREAM."""
+    """List the units, tensors, steps and sizes of BITSTREAM, and why each tensor has its role."""
     stream = api.info(bitstream, entropy=entropy)
     if as_json:
         _print_json(asdict(stream))
@@ -475,9 +476,10 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
         detail = t.coding if t.step is None else f"step {t.step:.4g}" + (f" (qp {t.qp})" if t.qp is not None else "")
         if t.zero_rows:
             detail += f", {t.zero_rows} zero rows skipped"
+        why = f"  [{t.reason}]" if t.reason else ""
         click.echo(
             f"  @{unit.offset:<8} data {t.name:<40} {t.role:<9} {t.dtype:<8} {str(list(t.shape)):<18} "
-            f"{unit.size:>10} B  {detail}"
+            f"{unit.size:>10} B  {detail}{why}"
         )
     if stream.entropy is not None:
         click.echo(describe_entropy_report(stream.entropy))

@@ -19,8 +19,11 @@ class TensorRole(enum.IntEnum):
 
     WEIGHT: a learned multi-dimensional parameter (conv kernel, matrix) - lossy with the weight step.
     NONWEIGHT: a learned 1-D parameter (bias, norm scale, running stats) - lossy with the finer step.
-    EXACT: anything whose value steers shapes or control flow, integer data, or data we cannot
-    prove is a learned parameter - always coded losslessly.
+    EXACT: anything whose value steers shapes or control flow, integer data, small constants
+    (epsilons, 1/N, temperatures), or data we cannot prove is a learned parameter - always coded
+    losslessly.
+
+    ONNX roles come from a graph analysis with a reason for each (formats/onnx_roles.py).
     """
 
     WEIGHT = 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import FormatError, UsageError
-from ..model import Model
+from ..model import FLOAT_DTYPES, Model, TensorRole, default_role
 
 
 @dataclass(frozen=True)
@@ -209,3 +209,35 @@ def write_model(model: Model, path: str | os.PathLike) -> None:
     """Write a model in the format it came from."""
     check_output_suffix(model.format, path)
     FORMATS[model.format].write(model, Path(path))
+
+
+def role_reasons(format_name: str, topology: bytes, tensors: list[tuple[str, str, int, TensorRole]]) -> list[str]:
+    """Why each tensor (name, dtype, rank, stored role) has its role, recomputed from the topology.
+
+    ONNX: the graph analysis the reader ran (formats.onnx_roles); a stored role that differs from
+    what this version decides (an older encoder) is said so. Other formats have no graph to
+    consult: dtype and rank decide, and the torch readers keep buffers and constants exact.
+    """
+    if format_name == "onnx":
+        from . import onnx_format
+
+        decisions = onnx_format.tensor_roles(topology)
+        reasons = []
+        for name, _dtype, _rank, role in tensors:
+            decision = decisions.get(name)
+            if decision is None:
+                reasons.append("? not in the stored graph")
+            elif decision.role != role:
+                reasons.append(f"stored as {role.name.lower()}; this version decides {decision.reason}")
+            else:
+                reasons.append(decision.reason)
+        return reasons
+    reasons = []
+    for _name, dtype, rank, role in tensors:
+        if role != default_role(dtype, rank):
+            reasons.append(f"{role.name.lower()}: a buffer or constant the {format_name} reader keeps exact")
+        elif dtype in FLOAT_DTYPES:
+            reasons.append(f"{role.name.lower()}: float with {rank} ax{'i' if rank == 1 else 'e'}s (no graph to consult)")
+        else:
+            reasons.append(f"exact: {dtype} data")
+    return reasons

@@ -14,13 +14,13 @@ Tensor names (the keys `write` uses to put tensors back):
   tensors before those of its subgraphs) depends only on the topology, so `write` recomputes
   exactly the same names from the stored topology and needs no separate name table.
 
-Roles are decided by how a tensor is consumed (see `_LEARNED_SLOTS` and `_STEERING_SLOTS`).
+Roles (and the reason for each) are decided by `onnx_roles` from the graph of values `_analyse`
+records while it names the tensors; `tensor_roles` gives them for any topology.
 """
 from __future__ import annotations
 
 import os
 import sys
-from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,8 @@ from onnx import external_data_helper, numpy_helper
 
 from ..errors import FormatError
 from ..fileio import atomic_output, map_file
-from ..model import FLOAT_DTYPES, Model, Tensor, TensorRole, numpy_dtype
+from ..model import FLOAT_DTYPES, Model, Tensor, numpy_dtype
+from .onnx_roles import GraphBody, GraphNode, RoleDecision, TensorInfo, ValueGraph, decide_roles
 
 FORMAT_NAME = "onnx"
 
@@ -58,77 +59,6 @@ _ONNX_DTYPES: dict[int, str] = {
 }
 
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
-
-# Input slots that hold learned parameters; `None` means every input. A float tensor is
-# lossy-codable only if *all* its consumers are such slots: a tensor that also feeds e.g. a
-# Concat or a custom op may carry exact constants we cannot reason about.
-_LEARNED_SLOTS: dict[str, frozenset[int] | None] = {
-    "Conv": frozenset({1, 2}),
-    "ConvTranspose": frozenset({1, 2}),
-    "Gemm": frozenset({0, 1, 2}),
-    "MatMul": frozenset({0, 1}),
-    "BatchNormalization": frozenset({1, 2, 3, 4}),
-    "InstanceNormalization": frozenset({1, 2}),
-    "LayerNormalization": frozenset({1, 2}),
-    "GroupNormalization": frozenset({1, 2}),
-    "PRelu": frozenset({1}),
-    "LSTM": frozenset({1, 2, 3, 7}),  # W, R, B and the peephole weights P
-    "GRU": frozenset({1, 2, 3}),
-    "RNN": frozenset({1, 2, 3}),
-    "Add": None,
-    "Sub": None,
-    "Mul": None,
-    "Div": None,
-    "Gather": frozenset({0}),  # embedding tables; the indices are integers anyway
-    "Einsum": None,
-}
-
-# Input slots whose *values* decide shapes, indices, trip counts or branches. Anything that can
-# reach them, through any chain of ops, must be coded exactly: a tiny error there changes the
-# graph's behaviour, not just its numbers. `None` means every input.
-_STEERING_SLOTS: dict[str, frozenset[int] | None] = {
-    "Reshape": frozenset({1}),
-    "Resize": frozenset({1, 2, 3}),
-    "Upsample": frozenset({1}),
-    "Expand": frozenset({1}),
-    "Tile": frozenset({1}),
-    "Range": None,
-    "Slice": frozenset({1, 2, 3, 4}),
-    "Pad": frozenset({1, 2, 3}),
-    "Clip": frozenset({1, 2}),
-    "ConstantOfShape": frozenset({0}),
-    "TopK": frozenset({1}),
-    "OneHot": frozenset({1}),
-    "Squeeze": frozenset({1}),
-    "Unsqueeze": frozenset({1}),
-    "Split": frozenset({1}),
-    "CumSum": frozenset({1}),
-    "NonMaxSuppression": frozenset({2, 3, 4}),
-    "Loop": frozenset({0, 1}),
-    "If": frozenset({0}),
-    # Less common ops whose inputs set output sizes, positions or counts for the same reason.
-    "Trilu": frozenset({1}),
-    "Compress": frozenset({1}),
-    "CenterCropPad": frozenset({1}),
-    "Col2Im": frozenset({1, 2}),
-    "MaxUnpool": frozenset({2}),
-    "AffineGrid": frozenset({1}),
-    "DFT": frozenset({1, 2}),
-    "STFT": frozenset({1, 3}),
-    "SplitToSequence": frozenset({1}),
-    "SequenceAt": frozenset({1}),
-    "SequenceInsert": frozenset({2}),
-    "SequenceErase": frozenset({1}),
-    "HannWindow": frozenset({0}),
-    "HammingWindow": frozenset({0}),
-    "BlackmanWindow": frozenset({0}),
-    "MelWeightMatrix": None,
-}
-
-# Ops whose outputs depend only on their input's shape, never on its values. Taint must stop
-# here, or the ubiquitous Shape -> Gather -> Concat -> Reshape pattern of exporters would mark
-# every weight upstream of a flatten as exact.
-_SHAPE_ONLY_OPS = frozenset({"Shape", "Size", "EyeLike", "RandomNormalLike", "RandomUniformLike"})
 
 # Initializers at least this big go to the external data file (onnx's own default threshold);
 # smaller ones are cheaper inline.
@@ -173,23 +103,7 @@ class _Slot:
 @dataclass
 class _Analysis:
     slots: list[_Slot] = field(default_factory=list)
-    # value -> every (op, input slot) that reads it; op "" marks a graph output
-    uses: dict[_ValueKey, list[tuple[str, int]]] = field(default_factory=lambda: defaultdict(list))
-    # value -> values it is computed from (edges for the backward taint)
-    deps: dict[_ValueKey, list[_ValueKey]] = field(default_factory=lambda: defaultdict(list))
-    seeds: list[_ValueKey] = field(default_factory=list)
-
-
-def _is_learned(op: str, index: int) -> bool:
-    allowed = _LEARNED_SLOTS.get(op, frozenset())
-    return allowed is None or index in allowed
-
-
-def _is_steering(op: str, index: int) -> bool:
-    if op not in _STEERING_SLOTS:
-        return op.startswith("Reduce") and index == 1  # the axes input of every Reduce* op
-    allowed = _STEERING_SLOTS[op]
-    return allowed is None or index in allowed
+    graph: ValueGraph = field(default_factory=ValueGraph)
 
 
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
@@ -212,55 +126,14 @@ def _subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
     return found
 
 
-def _present(keys: list[_ValueKey | None], index: int) -> list[_ValueKey]:
-    """The key at `index` as a 0- or 1-element list (optional inputs may be absent or empty)."""
-    key = keys[index] if index < len(keys) else None
-    return [] if key is None else [key]
-
-
-def _control_flow_deps(
-    node: onnx.NodeProto,
-    ins: list[_ValueKey | None],
-    outs: list[_ValueKey | None],
-    body_ins: list[_ValueKey],
-    body_outs: list[_ValueKey],
-) -> tuple[list[list[_ValueKey]], list[list[_ValueKey]]] | None:
-    """Per-position dependencies (of body inputs, of node outputs) for If/Loop/Scan.
-
-    Knowing which body output feeds which node output keeps taint from a shape computed off
-    one loop-carried value from spilling onto every weight used in the body. Returns None when
-    the arity does not match the op's contract, so the caller falls back to all-to-all.
-    """
-    op = node.op_type
-    if op == "If":
-        if body_ins or len(body_outs) != len(outs):
-            return None
-        return [], [[b] for b in body_outs]
-    if op == "Loop":
-        # node (M, cond, v...) -> (v_final..., scan...); body (iter, cond, v...) -> (cond, v..., scan...)
-        n_carried = len(ins) - 2
-        if n_carried < 0 or len(body_ins) != n_carried + 2 or len(body_outs) != len(outs) + 1:
-            return None
-        body_in_deps = [_present(ins, 0), _present(ins, 1) + [body_outs[0]]]
-        body_in_deps += [_present(ins, 2 + i) + [body_outs[1 + i]] for i in range(n_carried)]
-        # Zero iterations return the initial values, hence the dependency on the node input too.
-        out_deps = [[body_outs[1 + i]] + _present(ins, 2 + i) for i in range(n_carried)]
-        out_deps += [[b] for b in body_outs[1 + n_carried :]]
-        return body_in_deps, out_deps
-    if op == "Scan":
-        # node (state..., scan_in...) -> (state_final..., scan_out...); the body mirrors it by position
-        n_scan = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), -1)
-        n_state = len(ins) - n_scan
-        if n_scan < 0 or n_state < 0 or len(body_ins) != len(ins) or len(body_outs) != len(outs):
-            return None
-        body_in_deps = [_present(ins, j) + (body_outs[j : j + 1] if j < n_state else []) for j in range(len(ins))]
-        out_deps = [[body_outs[j]] + (_present(ins, j) if j < n_state else []) for j in range(len(outs))]
-        return body_in_deps, out_deps
-    return None
+def _scan_inputs(node: onnx.NodeProto) -> int:
+    if node.op_type != "Scan":
+        return -1
+    return next((a.i for a in node.attribute if a.name == "num_scan_inputs"), -1)
 
 
 def _analyse(proto: onnx.ModelProto) -> _Analysis:
-    """Find extractable tensors, name them, and record consumers and value dependencies."""
+    """Find extractable tensors, name them, and record the graph of values the roles come from."""
     result = _Analysis()
     taken: set[str] = set()
     next_scope_id = 0
@@ -272,7 +145,7 @@ def _analyse(proto: onnx.ModelProto) -> _Analysis:
         taken.add(name)
         return name
 
-    def visit(graph: onnx.GraphProto, prefix: str, parent: _Scope | None) -> _Scope:
+    def visit(graph: onnx.GraphProto, prefix: str, parent: _Scope | None, where: str) -> _Scope:
         nonlocal next_scope_id
         names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
         names |= {o for n in graph.node for o in n.output if o}
@@ -290,89 +163,64 @@ def _analyse(proto: onnx.ModelProto) -> _Analysis:
                 key = (scope.id, node.output[0])
                 result.slots.append(_Slot(unique(prefix + node.output[0]), tensor, key, False))
 
-        for out in graph.output:
-            result.uses[scope.resolve(out.name)].append(("", -1))
+        if parent is None:
+            result.graph.outputs.extend(scope.resolve(out.name) for out in graph.output)
 
-        nested: list[tuple[int, onnx.NodeProto, list[_ValueKey | None], list[_ValueKey | None]]] = []
+        nested: list[tuple[int, int, onnx.NodeProto]] = []
         for index, node in enumerate(graph.node):
-            ins = [scope.resolve(n) if n else None for n in node.input]
-            outs: list[_ValueKey | None] = [(scope.id, o) if o else None for o in node.output]
             standard = node.domain in _STANDARD_DOMAINS
-            op = node.op_type if standard else f"{node.domain}::{node.op_type}"
-            for slot, key in enumerate(ins):
-                if key is None:
-                    continue
-                result.uses[key].append((op, slot))
-                if standard and _is_steering(node.op_type, slot):
-                    result.seeds.append(key)
-            if not (standard and node.op_type in _SHAPE_ONLY_OPS):
-                real_ins = [k for k in ins if k is not None]
-                for out_key in outs:
-                    if out_key is not None:
-                        result.deps[out_key].extend(real_ins)
+            result.graph.nodes.append(
+                GraphNode(
+                    op=node.op_type if standard else f"{node.domain}::{node.op_type}",
+                    standard=standard,
+                    inputs=[scope.resolve(n) if n else None for n in node.input],
+                    outputs=[(scope.id, o) if o else None for o in node.output],
+                    where=where,
+                    num_scan_inputs=_scan_inputs(node),
+                )
+            )
             if node.attribute and any(
                 a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
             ):
-                nested.append((index, node, ins, outs))
+                nested.append((index, len(result.graph.nodes) - 1, node))
 
-        for index, node, ins, outs in nested:
+        for index, node_ref, node in nested:
             node_id = node.name or next((o for o in node.output if o), f"{node.op_type}#{index}")
-            real_ins = [k for k in ins if k is not None]
             for label, sub in _subgraphs(node):
-                child = visit(sub, f"{prefix}{node_id}/{label}/", scope)
+                branch = label.removesuffix("_branch")
+                child = visit(sub, f"{prefix}{node_id}/{label}/", scope, f"{where}/{node.op_type}/{branch}".lstrip("/"))
                 body_ins = [(child.id, v.name) for v in sub.input]
                 body_outs = [child.resolve(v.name) for v in sub.output]
-                mapped = None
-                if node.domain in _STANDARD_DOMAINS:
-                    mapped = _control_flow_deps(node, ins, outs, body_ins, body_outs)
-                if mapped is None:
-                    # Unknown contract: every body input may carry every node input and every
-                    # body output may reach every node output.
-                    body_in_deps = [real_ins + body_outs for _ in body_ins]
-                    out_deps = [body_outs for _ in outs]
-                else:
-                    body_in_deps, out_deps = mapped
-                for key, deps in zip(body_ins, body_in_deps):
-                    result.deps[key].extend(deps)
-                for out_key, deps in zip(outs, out_deps):
-                    if out_key is not None:
-                        result.deps[out_key].extend(deps)
-                if node.op_type == "Loop" and node.domain in _STANDARD_DOMAINS and body_outs:
-                    result.seeds.append(body_outs[0])  # the body's "continue" condition
+                result.graph.bodies.append(GraphBody(node_ref, body_ins, body_outs))
         return scope
 
-    visit(proto.graph, "", None)
+    visit(proto.graph, "", None, "")
     return result
 
 
-def _tainted(analysis: _Analysis) -> set[_ValueKey]:
-    """Every value that can reach a steering slot, by walking dependencies backwards."""
-    seen: set[_ValueKey] = set(analysis.seeds)
-    queue = deque(seen)
-    while queue:
-        for dep in analysis.deps.get(queue.popleft(), ()):
-            if dep not in seen:
-                seen.add(dep)
-                queue.append(dep)
-    return seen
+def _decisions(analysis: _Analysis) -> list[RoleDecision]:
+    infos = [
+        TensorInfo(slot.key, _ONNX_DTYPES.get(slot.proto.data_type), tuple(int(d) for d in slot.proto.dims))
+        for slot in analysis.slots
+    ]
+    return decide_roles(analysis.graph, infos)
 
 
-def _roles(analysis: _Analysis) -> list[TensorRole]:
-    tainted = _tainted(analysis)
-    roles: list[TensorRole] = []
-    for slot in analysis.slots:
-        consumers = analysis.uses.get(slot.key, [])
-        lossy = (
-            _ONNX_DTYPES[slot.proto.data_type] in FLOAT_DTYPES
-            and slot.key not in tainted
-            and bool(consumers)
-            and all(_is_learned(op, index) for op, index in consumers)
-        )
-        if not lossy:
-            roles.append(TensorRole.EXACT)
-        else:
-            roles.append(TensorRole.WEIGHT if len(slot.proto.dims) >= 2 else TensorRole.NONWEIGHT)
-    return roles
+def tensor_roles(model: onnx.ModelProto | bytes) -> dict[str, RoleDecision]:
+    """(role, reason) of every tensor `from_proto` extracts, by tensor name.
+
+    Needs only the topology: a stored (weightless) topology, as bytes, gives the same decisions
+    as the full model, since they depend on the graph and the tensors' dtypes and dims alone.
+    """
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(bytes(model))
+        except Exception as err:  # noqa: BLE001
+            raise FormatError(None, f"stored ONNX topology is damaged ({_one_line(err)})") from err
+        model = proto
+    analysis = _analyse(model)
+    return {slot.name: decision for slot, decision in zip(analysis.slots, _decisions(analysis))}
 
 
 def _one_line(err: BaseException) -> str:
@@ -546,8 +394,8 @@ def from_proto(proto: onnx.ModelProto, metadata: dict[str, str] | None = None, p
     analysis = _analyse(proto)
     external = _ExternalData(path)
     tensors: list[Tensor] = []
-    for slot, role in zip(analysis.slots, _roles(analysis)):
-        tensors.append(Tensor(slot.name, _to_array(slot.proto, path, external), role))
+    for slot, decision in zip(analysis.slots, _decisions(analysis)):
+        tensors.append(Tensor(slot.name, _to_array(slot.proto, path, external), decision.role))
         _strip(slot.proto)
     # Tensors we do not extract (strings, float8, sparse parts) travel inside the topology.
     for tensor in _all_tensors(proto.graph):
@@ -744,4 +592,6 @@ def _write_external(
             tmp_model.write_bytes(proto.SerializeToString())
 
 
-__all__ = ["FORMAT_NAME", "META_EXTERNAL_DATA", "external_files", "from_proto", "read", "to_proto", "write"]
+__all__ = [
+    "FORMAT_NAME", "META_EXTERNAL_DATA", "external_files", "from_proto", "read", "tensor_roles", "to_proto", "write",
+]
