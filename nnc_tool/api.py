@@ -416,10 +416,16 @@ def encode(
                 model, sink, options, original_bytes, calibration, progress, plan_cache, moments, rebuilt=rebuilt
             )
             if checker is not None:
-                summary, check_report = _checked(
-                    checker.result(), sink, rebuilt, summary, options, original_bytes, calibration, plan_cache,
-                    moments, min_snr_db, model_path,
-                )
+                ready = _ready_checker(checker)
+                if isinstance(ready, CheckReport):
+                    if min_snr_db is not None:
+                        raise CheckError(model_path, f"--min-snr cannot be checked: {ready.skipped}")
+                    check_report = ready
+                else:
+                    summary, check_report = _checked(
+                        ready, sink, rebuilt, summary, options, original_bytes, calibration, plan_cache,
+                        moments, min_snr_db, model_path,
+                    )
     return EncodeReport(
         input=str(model_path),
         output=None if output_path is None else str(output_path),
@@ -443,6 +449,21 @@ def encode(
         optimizer_state_bytes=sum(t.coded_bytes for t in summary.tensors if t.name in optimizer_names),
         dropped_optimizer_tensors=dropped,
     )
+
+
+def _ready_checker(future) -> Checker | CheckReport:
+    """The checker built beside the encode, or why the check cannot run: a model that does not
+    run in onnxruntime as given (an op without a CPU kernel for its dtype, inputs no probe fits)
+    is encoded all the same, and the report says it was not checked."""
+    try:
+        return future.result()
+    except NncError as err:
+        return CheckReport.not_run(err.problem)
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for models it cannot run
+        if not type(err).__module__.startswith("onnxruntime"):
+            raise
+        text = " ".join(str(err).split())
+        return CheckReport.not_run(f"the original model does not run in onnxruntime ({text[:200]})")
 
 
 def _checked(

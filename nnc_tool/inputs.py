@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NncError, UsageError
-from .model import Model
+from .model import Model, numpy_dtype
 
 __all__ = [
     "InputSpec", "ModelInputs", "as_model_inputs", "input_signature", "load_inputs", "probe_inputs", "read_inputs",
@@ -82,10 +82,13 @@ def input_signature(model: Model) -> list[InputSpec]:
         if value.name in weights:
             continue
         tensor_type = value.type.tensor_type
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        except (KeyError, TypeError, ValueError):
-            dtype = np.dtype(np.float32)
+        if tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
+            dtype = numpy_dtype("bfloat16")  # onnx maps it to a 2-byte void type
+        else:
+            try:
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+            except (KeyError, TypeError, ValueError):
+                dtype = np.dtype(np.float32)
         shape = names = None
         if tensor_type.HasField("shape"):
             dims = tensor_type.shape.dim
@@ -625,7 +628,7 @@ class _GraphFacts:
 
 def _probe_values(spec: InputSpec, shape: tuple[int, ...], facts: _GraphFacts, rng: np.random.Generator) -> np.ndarray:
     dtype = spec.dtype
-    if dtype.kind in "fc":
+    if dtype.kind in "fc" or dtype == numpy_dtype("bfloat16"):
         if _STATE_NAMES.search(spec.name) or facts.recurrent_state(spec.name):
             return np.zeros(shape, dtype)
         return rng.standard_normal(shape).astype(dtype)

@@ -87,15 +87,20 @@ class CheckResult:
 class CheckReport:
     """The self-check of one encode, as the encode report carries it."""
 
-    probes: str  # "calibration" or "synthesised"
+    probes: str  # "calibration" or "synthesised" ("" when skipped)
     samples: int
     output_snr_db: float
     predicted_snr_db: float
     top1_agreement: float | None
-    passed: bool
+    passed: bool | None  # None: not checked, see `skipped`
     seconds: float
     refined: list[str] = field(default_factory=list)  # what the repair changed, one line per tensor
     rounds: int = 0  # re-encodes the repair needed
+    skipped: str | None = None  # why the check could not run (the original does not run in onnxruntime, ...)
+
+    @classmethod
+    def not_run(cls, reason: str, seconds: float = 0.0) -> CheckReport:
+        return cls("", 0, math.nan, math.nan, None, None, seconds, skipped=reason)
 
 
 def probes_for(model: Model, calibration: ModelInputs | None, samples: int = PROBE_SAMPLES) -> tuple[ModelInputs, str]:

@@ -328,5 +328,7 @@ def test_calibration_with_stacked_samples_runs_one_sample_at_a_time(models, tmp_
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["calibration_mode"] == mode
-    assert mode == "fast" or report["feedback_layers"] == 2  # both MatMuls got measured Hessians
+    # enc's MatMul weight got a measured Hessian; dec's (8, 1) weight has only 8 values and is coded
+    # at the finer non-weight step (formats/onnx_roles.py: tiny weights are NONWEIGHT), without GPTQ.
+    assert mode == "fast" or report["feedback_layers"] == 1
     assert _snr(models["vad"], output, load_inputs(data, read_model(models["vad"]))) > 20.0

@@ -288,7 +288,9 @@ def test_info_shows_reasons_in_text_and_json(tmp_path: Path, monkeypatch: pytest
     assert line.endswith("[weight: Slice -> Concat -> Unsqueeze -> LSTM W in If/else (+1 more use)]")
     shown = runner.invoke(main, ["info", "--json", str(stream)])
     assert shown.exit_code == 0
-    reasons = {u["tensor"]["name"]: u["tensor"]["reason"] for u in json.loads(shown.output)["units"] if u["tensor"]}
+    units = json.loads(shown.output)["units"]
+    listed = [u["tensor"] for u in units if u["tensor"]] + [t for u in units for t in u.get("packed") or []]
+    reasons = {t["name"]: t["reason"] for t in listed}
     assert reasons == {name: d.reason for name, d in _decisions(path).items()}
     # Not stored in the stream: without the reasons the encoder writes the same bytes.
     monkeypatch.setattr(api, "_explain_roles", lambda *args: None)
