@@ -275,6 +275,12 @@ def _quiet_and_verbose(quiet: bool, verbose: bool) -> None:
 @click.option("--drop-optimizer-state", is_flag=True,
               help="Keep only the model of a training checkpoint: drop optimizer, LR-scheduler and GradScaler state "
                    "(kept exactly otherwise). Models without such state are encoded as they are.")
+@click.option("--min-snr", "min_snr", type=float, default=None, metavar="DB",
+              help="Self-check: demand at least this output SNR of the decoded model on the probe inputs (--calib, else"
+                   " synthesised); tensors are coded finer until it holds, else the encode fails and writes nothing.")
+@click.option("--no-check", is_flag=True,
+              help="Skip the self-check (by default every ONNX encode runs its decoded model beside the original on"
+                   " probe inputs and codes finer the tensors that make it collapse).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with -d: a list, one entry per MODEL).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary lines (errors and --json still print).")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor.")
@@ -283,8 +289,8 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
            nonweight_qp: int | None, bits: int | None, per_channel: bool, lossless: bool, uniform_qp: bool, rdo: float,
            no_error_feedback: bool, no_bias_correction: bool, dq: bool, kernel_correlation: float, calib_mode: str,
            target_size: int | None, target_ratio: float | None, target_snr: float | None,
-           max_acc_drop: float | None, data: str | None, no_fold_bn: bool, drop_optimizer_state: bool, as_json: bool,
-           quiet: bool, verbose: bool, **prune_options) -> None:
+           max_acc_drop: float | None, data: str | None, no_fold_bn: bool, drop_optimizer_state: bool,
+           min_snr: float | None, no_check: bool, as_json: bool, quiet: bool, verbose: bool, **prune_options) -> None:
     """Compress MODEL into an nnc bitstream (-o), or many MODELs into a directory (-d).
 
     With -d, a file that fails is reported (one line on stderr) and skipped, the others are
@@ -307,14 +313,17 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
     settings = _settings(qp, nonweight_qp, bits, per_channel, lossless, uniform_qp, rdo, no_error_feedback,
                          no_bias_correction, dq, kernel_correlation, calib_mode)
     pruning = _pruning(calibration=calibration, **prune_options)
+    if no_check and min_snr is not None:
+        raise UsageError(None, "--min-snr is measured by the self-check: it does not combine with --no-check")
+    check = {"verify": not no_check, "min_snr_db": min_snr}
     if output_dir is not None:
         _encode_batch(models, output_dir, jobs, settings, pruning, not no_fold_bn, calibration, as_json, quiet, verbose,
-                      target, evaluation, drop_optimizer_state)
+                      target, evaluation, drop_optimizer_state, check)
         return
     with progress_bar(f"encode {os.path.basename(models[0])}", quiet) as bar:
         report = api.encode(models[0], output, settings, pruning=pruning, fold_batchnorm=not no_fold_bn,
                             calibration=calibration, progress=bar, target=target, evaluation=evaluation,
-                            drop_optimizer_state=drop_optimizer_state)
+                            drop_optimizer_state=drop_optimizer_state, **check)
     if as_json:
         _print_json(report.to_dict())
     elif not quiet:
@@ -324,7 +333,7 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
 def _encode_batch(models: tuple[str, ...], output_dir: str, jobs: int, settings: QuantSettings,
                   pruning: PruneConfig | None, fold_batchnorm: bool, calibration, as_json: bool, quiet: bool,
                   verbose: bool, target: RateTarget | None = None, evaluation=None,
-                  drop_optimizer_state: bool = False) -> None:
+                  drop_optimizer_state: bool = False, check: dict | None = None) -> None:
     started = time.perf_counter()
     jobs = jobs or os.cpu_count() or 1
     with progress_bar("encode", quiet) as bar:
@@ -345,7 +354,8 @@ def _encode_batch(models: tuple[str, ...], output_dir: str, jobs: int, settings:
             bar(done, len(models))
 
         result = encode_many(models, output_dir, settings, pruning, fold_batchnorm, calibration, jobs, on_done,
-                             target=target, evaluation=evaluation, drop_optimizer_state=drop_optimizer_state)
+                             target=target, evaluation=evaluation, drop_optimizer_state=drop_optimizer_state,
+                             **(check or {}))
     if as_json:
         _print_json([o.to_dict() for o in result.outcomes])
     elif not quiet:
@@ -384,6 +394,8 @@ def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: boo
         echo(f"error feedback: {report.feedback_layers} layer(s) rounded with GPTQ for their input statistics")
     if report.corrected_biases:
         echo(f"bias correction: {report.corrected_biases} layer(s) absorb the mean shift of their rounded weights")
+    for line in _check_lines(report.check, verbose):
+        echo(line)
     rate = report.rate_control
     if rate is not None:
         echo(f"rate control ({rate.target}): QP {rate.chosen_qp} after {len(rate.trials)} trial encodes, {rate.achieved}")
@@ -399,6 +411,23 @@ def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: boo
             step = f"step {t.step:.3g}" if t.step is not None else "lossless"
             why = f"  [{t.reason}]" if t.reason else ""
             echo(f"  {t.name:<40} {t.role:<9} {str(list(t.shape)):<18} {step:<14} {t.coded_bytes:>10} B{why}")
+
+
+def _check_lines(check, verbose: bool) -> list[str]:
+    if check is None:
+        return []
+    if check.skipped:
+        return [f"self-check: not run, {check.skipped}"]
+    agreement = f", top-1 agreement {check.top1_agreement:.1f} %" if check.top1_agreement is not None else ""
+    lines = [f"self-check: output SNR {check.output_snr_db:.1f} dB on {check.samples} {check.probes} inputs"
+             f" (steps predict {check.predicted_snr_db:.1f} dB){agreement}"]
+    if check.refined:
+        lines.append(f"self-check: {len(check.refined)} tensor(s) coded finer in {check.rounds} re-encode(s) to keep the outputs")
+        shown = check.refined if verbose else check.refined[:5]
+        lines += [f"  {line}" for line in shown]
+        if len(shown) < len(check.refined):
+            lines.append(f"  ... {len(check.refined) - len(shown)} more (-v lists them)")
+    return lines
 
 
 def _optimizer_state_lines(report: api.EncodeReport) -> list[str]:

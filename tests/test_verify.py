@@ -1,0 +1,190 @@
+"""The encoder's self-check (nnc_tool/verify.py): decoded model beside the original on probe inputs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import nnc_tool
+from inputs_factory import build_transformer
+from nnc_tool import api, verify
+from nnc_tool.cli import main
+from nnc_tool.errors import CheckError
+from nnc_tool.formats import onnx_format, read_model
+from nnc_tool.inputs import probe_inputs, run_model
+from nnc_tool.model import Tensor
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, path)
+    return path
+
+
+def build_offset_matmul(path: Path) -> Path:
+    """x + 1000 -> MatMul(W) -> + bias that removes the offset again.
+
+    Without its offset the layer is plain, but W's rounding error is multiplied by the 1000 the
+    bias later cancels: the output is noise at the default QP, though every tensor's own error
+    is tiny. No BatchNorm tells the encoder the layer's mean input, so nothing corrects it.
+    """
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((32, 16)) * 0.2).astype(np.float32)
+    offset = np.full(32, 1000.0, np.float32)
+    bias = (-(offset @ w.astype(np.float64))).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "offset"], ["shifted"]),
+            helper.make_node("MatMul", ["shifted", "w"], ["y0"]),
+            helper.make_node("Add", ["y0", "bias"], ["y"]),
+        ],
+        "offset",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(offset, "offset"), numpy_helper.from_array(bias, "bias")],
+    )
+    return _save(graph, path)
+
+
+def _decoded_snr(model_path: Path, stream: Path, inputs) -> float:
+    reference = run_model(read_model(model_path), inputs)
+    rebuilt = run_model(nnc_tool.decompress_model(stream.read_bytes()), inputs)
+    return verify.snr_db(*verify.output_noise(reference, rebuilt))
+
+
+def test_a_collapsed_layer_is_found_and_coded_finer(tmp_path: Path) -> None:
+    path = build_offset_matmul(tmp_path / "offset.onnx")
+    model = read_model(path)
+    probes = probe_inputs(model, verify.PROBE_SAMPLES)
+    unchecked = tmp_path / "unchecked.nnc"
+    report = api.encode(path, unchecked, verify=False)
+    assert report.check is None
+    collapsed = _decoded_snr(path, unchecked, probes)
+    checked = tmp_path / "checked.nnc"
+    report = api.encode(path, checked)
+    check = report.check
+    assert check.passed and check.probes == "synthesised" and check.samples == verify.PROBE_SAMPLES
+    assert collapsed < check.predicted_snr_db - verify.COLLAPSE_MARGIN_DB  # the unchecked encode collapsed
+    assert check.rounds >= 1 and any(line.startswith("w: ") for line in check.refined)
+    # What the check measured is what the written stream decodes to.
+    assert _decoded_snr(path, checked, probes) == pytest.approx(check.output_snr_db, abs=1e-6)
+    assert check.output_snr_db >= check.predicted_snr_db - verify.COLLAPSE_MARGIN_DB
+    assert report.bitstream_bytes > unchecked.stat().st_size  # finer steps cost bytes
+
+
+def test_a_well_conditioned_model_is_checked_and_left_alone(samples_dir: Path, tmp_path: Path) -> None:
+    plain = api.encode(samples_dir / "resnet.onnx", tmp_path / "plain.nnc", verify=False)
+    checked = api.encode(samples_dir / "resnet.onnx", tmp_path / "checked.nnc")
+    assert checked.check.passed and not checked.check.refined and checked.check.rounds == 0
+    assert checked.check.top1_agreement == 100.0
+    assert (tmp_path / "plain.nnc").read_bytes() == (tmp_path / "checked.nnc").read_bytes()
+
+
+def test_calibration_samples_are_the_probes(samples_dir: Path, tmp_path: Path) -> None:
+    calibration = nnc_tool.inputs.read_inputs(samples_dir / "digits_calib.npz")
+    report = api.encode(samples_dir / "lenet.onnx", None, calibration=calibration)
+    assert report.check.probes == "calibration" and report.check.samples == verify.PROBE_SAMPLES
+
+
+def test_min_snr_is_met_by_coding_finer(tmp_path: Path, samples_dir: Path) -> None:
+    plain = api.encode(samples_dir / "mlp.onnx", None)
+    demand = plain.check.output_snr_db + 6.0
+    report = api.encode(samples_dir / "mlp.onnx", tmp_path / "mlp.nnc", min_snr_db=demand)
+    assert report.check.output_snr_db >= demand and report.check.refined
+    assert report.bitstream_bytes > plain.bitstream_bytes
+
+
+def test_min_snr_beyond_any_step_codes_exactly(samples_dir: Path) -> None:
+    report = api.encode(samples_dir / "mlp.onnx", None, min_snr_db=400)
+    assert report.check.output_snr_db == math.inf and all(line.endswith(": exact") for line in report.check.refined)
+
+
+def test_unmet_min_snr_fails_in_one_line_and_writes_nothing(tmp_path: Path, samples_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr(verify, "MAX_REPAIR_ROUNDS", 0)  # no re-encode allowed: the demand stays unmet
+    output = tmp_path / "mlp.nnc"
+    result = CliRunner().invoke(main, ["encode", str(samples_dir / "mlp.onnx"), "-o", str(output), "--min-snr", "400"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "self-check failed" in lines[0] and "--min-snr 400" in lines[0]
+    assert not output.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(CheckError):
+        api.encode(samples_dir / "mlp.onnx", None, min_snr_db=400)
+
+
+def test_min_snr_with_no_check_is_a_usage_error(tmp_path: Path, samples_dir: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["encode", str(samples_dir / "mlp.onnx"), "-o", str(tmp_path / "x.nnc"), "--min-snr", "30", "--no-check"]
+    )
+    assert result.exit_code == 2 and "--no-check" in result.output
+
+
+def test_cli_reports_the_check_in_text_and_json(tmp_path: Path, samples_dir: Path) -> None:
+    runner = CliRunner()
+    text = runner.invoke(main, ["encode", str(samples_dir / "lenet.onnx"), "-o", str(tmp_path / "a.nnc")])
+    assert text.exit_code == 0 and "self-check: output SNR" in text.output
+    shown = runner.invoke(main, ["encode", str(samples_dir / "lenet.onnx"), "-o", str(tmp_path / "b.nnc"), "--json"])
+    check = json.loads(shown.output)["check"]
+    assert check["passed"] is True and check["probes"] == "synthesised" and check["output_snr_db"] > 30
+
+
+def test_a_three_input_transformer_is_checked_on_synthesised_probes(tmp_path: Path) -> None:
+    path = build_transformer(tmp_path)
+    report = api.encode(path, tmp_path / "t.nnc")
+    assert report.check.passed and report.check.output_snr_db > 30
+    assert report.check.top1_agreement is not None
+
+
+def test_non_finite_outputs_fail_and_equal_infinities_do_not() -> None:
+    reference = [np.array([[1.0, -np.inf], [2.0, 3.0]])]
+    assert verify.output_noise(reference, [np.array([[1.0, -np.inf], [2.0, 3.5]])]) == (14.0, 0.25)
+    assert math.isinf(verify.output_noise(reference, [np.array([[1.0, -np.inf], [np.nan, 3.0]])])[1])
+    assert math.isinf(verify.output_noise(reference, [np.array([[1.0, 0.0], [2.0, 3.0]])])[1])
+    result = verify.CheckResult(-math.inf, 40.0, None, finite=False)
+    assert not result.passed and "not finite" in result.reason()
+
+
+def test_refinements_follow_the_noise_and_turn_exact_past_the_limit() -> None:
+    chosen = verify.refinements({"a": 64.0, "b": math.inf, "c": 1e30}, allowed_noise=8.0, previous={})
+    # a: noise 64 against a harmless share of 1 -> 2 log2(64) = 12 QP; b non-finite and c too far: exact.
+    assert chosen == {"a": 12, "b": None, "c": None}
+    again = verify.refinements({"a": 2.0}, allowed_noise=8.0, previous=chosen)
+    assert again["a"] == 12 + 4  # at least 4 QP per round
+
+
+def test_overridable_proto_feeds_constant_node_weights(tmp_path: Path) -> None:
+    """A weight held in a Constant node (paddle2onnx, tf2onnx) can be replaced at run time."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)), helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "c",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    model = read_model(_save(graph, tmp_path / "c.onnx"))
+    checker = verify.Checker(model)
+    x = checker.probes.arrays["x"][:1]
+    assert checker.outputs({})[0].shape[-1] == 3
+    replaced = checker.outputs({"w": 2 * w})[0]
+    np.testing.assert_allclose(replaced, 2 * checker.reference[0], rtol=1e-5)
+    proto, feeds = onnx_format.overridable_proto(model)
+    assert feeds == {"w": "w"} and not any(n.op_type == "Constant" for n in proto.graph.node)
+
+
+def test_a_model_onnxruntime_cannot_run_is_encoded_and_says_so(tmp_path: Path) -> None:
+    from onnx_factory import build_bf16
+
+    path = build_bf16(tmp_path)
+    report = api.encode(path, tmp_path / "bf16.nnc")
+    assert report.check is not None and report.check.passed is None and "onnxruntime" in report.check.skipped
+    with pytest.raises(CheckError, match="cannot be checked"):
+        api.encode(path, tmp_path / "again.nnc", min_snr_db=20)
+    assert not (tmp_path / "again.nnc").exists()
