@@ -401,6 +401,8 @@ def encode(
         reason = "lossless output is exact" if options.lossless else f"it runs only ONNX models, this is a {model.format} model"
         raise UsageError(model_path, f"--min-snr needs the self-check, and {reason}")
     check_report = None
+    if verify and not checking and not options.lossless:
+        check_report = CheckReport.not_run(f"the self-check runs ONNX models in onnxruntime; this is a {model.format} model")
     with ThreadPoolExecutor(max_workers=1) as pool:
         # The probes, the checker's session and the reference run (onnxruntime releases the GIL)
         # overlap quantization and coding.

@@ -79,7 +79,7 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec(
             "torchscript",
             "TorchScript archive (torch.jit.save)",
-            (".pt", ".pth", ".ptl", ".torchscript"),
+            (".pt", ".pth", ".ptl", ".jit", ".torchscript"),
             _torch_reader("torchscript"),
             _torch_write,
         ),
