@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import click
 
-from . import __version__, api
+from . import __version__, api, verify
 from .batch import encode_many
 from .bench import bench as run_bench
 from .bench.gates import Gates, check_report, check_sweep, summarize
@@ -421,6 +421,9 @@ def _check_lines(check, verbose: bool) -> list[str]:
     agreement = f", top-1 agreement {check.top1_agreement:.1f} %" if check.top1_agreement is not None else ""
     lines = [f"self-check: output SNR {check.output_snr_db:.1f} dB on {check.samples} {check.probes} inputs"
              f" (steps predict {check.predicted_snr_db:.1f} dB){agreement}"]
+    if not check.passed:
+        lines.append(f"self-check: warning: {check.output_snr_db:.1f} dB stays more than {verify.COLLAPSE_MARGIN_DB:g} dB"
+                     " below what the steps predict after the repair; a finer --qp or --calib may help")
     if check.refined:
         lines.append(f"self-check: {len(check.refined)} tensor(s) coded finer in {check.rounds} re-encode(s) to keep the outputs")
         shown = check.refined if verbose else check.refined[:5]
