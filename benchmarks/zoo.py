@@ -68,7 +68,7 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path) -> dict:
+def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path, fold_batchnorm: bool = True) -> dict:
     """Encode, decode and evaluate at one QP; any failure becomes the cell's `error`."""
     cell: dict = {"qp": qp}
     stage = "encode"
@@ -77,12 +77,16 @@ def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path
         rebuilt = workdir / f"qp{qp}" / source.name
         rebuilt.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        report = api.encode(source, bitstream, api.EncodeOptions(qp=qp))
+        report = api.encode(source, bitstream, api.EncodeOptions(qp=qp), fold_batchnorm=fold_batchnorm)
         cell["encode_s"] = time.perf_counter() - started
         cell["bytes"] = report.bitstream_bytes
         cell["parameters"] = report.parameter_count
         cell["original_bytes"] = report.original_bytes
         cell["folded_batchnorms"] = report.folded_batchnorms
+        if report.check is not None:
+            cell["check"] = {"skipped": report.check.skipped, "probe_snr_db": report.check.output_snr_db,
+                             "predicted_snr_db": report.check.predicted_snr_db, "refined": len(report.check.refined),
+                             "rounds": report.check.rounds, "seconds": report.check.seconds}
         stage = "decode"
         started = time.perf_counter()
         api.decode(bitstream, rebuilt)
@@ -97,7 +101,14 @@ def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path
     return cell
 
 
-def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbose: bool) -> dict:
+def unchecked_encode_seconds(source: Path, qp: int, workdir: Path) -> float:
+    """The same encode without the self-check: what the check costs is the difference."""
+    started = time.perf_counter()
+    api.encode(source, workdir / "unchecked.nnc", api.EncodeOptions(qp=qp), verify=False)
+    return time.perf_counter() - started
+
+
+def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbose: bool, compare: bool = False) -> dict:
     row: dict = {"module": module, "name": model.name, "exporter": model.exporter, "task": model.task,
                  "small": model.small, "notes": model.notes, "results": []}
     try:
@@ -116,6 +127,16 @@ def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbos
             row["results"].append(cell)
             if verbose:
                 print(f"  {model.name} QP {qp}: {format_cell(cell)}", file=sys.stderr, flush=True)
+        default = next((c for c in row["results"] if c["qp"] == DEFAULT_QP and "encode_s" in c), None)
+        if compare and default is not None:
+            # What the self-check costs (the check runs beside the encode; its repairs are extra).
+            try:
+                row["unchecked_encode_s"] = unchecked_encode_seconds(source, DEFAULT_QP, Path(tmp))
+            except Exception as err:
+                row["unchecked_encode_s_error"] = one_line(err)
+            if default.get("folded_batchnorms"):
+                # Folding must never cost fidelity: the same QP with the BatchNorms kept.
+                row["no_fold"] = code_one(model, source, inputs, DEFAULT_QP, Path(tmp) / "nofold", fold_batchnorm=False)
     coded = [c for c in row["results"] if "parameters" in c]
     if coded:
         row["parameters"] = coded[0]["parameters"]
@@ -142,15 +163,17 @@ def format_cell(cell: dict) -> str:
     return f"{human_bytes(cell['bytes'])} {format_snr(cell['output_snr_db'])}dB {cell['agreement']:.1f}%"
 
 
-def format_table(rows: list[dict], qps: list[int]) -> str:
+def format_table(rows: list[dict], qps: list[int], compare: bool = False) -> str:
     timing_qp = DEFAULT_QP if DEFAULT_QP in qps else qps[0]
     header = (["model", "exporter", "task", "params", "orig bytes", "agreement measure"]
               + [f"QP {qp}: bytes SNR agr" for qp in qps] + [f"enc s@{timing_qp}", f"dec s@{timing_qp}"])
+    if compare:
+        header += [f"self-check cost@{DEFAULT_QP}", f"--no-fold-bn@{DEFAULT_QP}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if "error" in row:
             cells = [row["name"], row.get("exporter", ""), row.get("task", ""), "", "", "",
-                     "ERROR " + row["error"]] + [""] * (len(qps) + 1)
+                     "ERROR " + row["error"]] + [""] * (len(qps) + 1 + 2 * compare)
         else:
             by_qp = {c["qp"]: c for c in row["results"]}
             timing = by_qp.get(timing_qp, {})
@@ -160,6 +183,12 @@ def format_table(rows: list[dict], qps: list[int]) -> str:
             cells += [format_cell(by_qp[qp]) for qp in qps]
             cells += [f"{timing['encode_s']:.2f}" if "encode_s" in timing else "-",
                       f"{timing['decode_s']:.2f}" if "decode_s" in timing else "-"]
+            if compare:
+                unchecked = row.get("unchecked_encode_s")
+                cost = f"{100 * (timing['encode_s'] - unchecked) / unchecked:+.0f}%" if unchecked and "encode_s" in timing else "-"
+                check = timing.get("check") or {}
+                repaired = f", {check['refined']} refined" if check.get("refined") else ""
+                cells += [cost + repaired, format_cell(row["no_fold"]) if "no_fold" in row else "no BN"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -200,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="results file (default: $NNC_ZOO_CACHE/zoo-results.json)")
     parser.add_argument("--list", action="store_true", help="list the members and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each cell as it is measured")
+    parser.add_argument("--compare", action="store_true",
+                        help=f"also at QP {DEFAULT_QP}: the encode without the self-check (its cost) and, for models"
+                             " with BatchNorms, with them kept (--no-fold-bn)")
     # argparse would read the "-44,-38" of "--qps -44,-38" as an option: glue the value to its flag.
     glued: list[str] = []
     for arg in sys.argv[1:] if argv is None else argv:
@@ -238,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     for module, model in selected:
         if args.verbose:
             print(f"{model.name}:", file=sys.stderr, flush=True)
-        rows.append(run_model(module, model, args.qps, args.samples, args.verbose))
+        rows.append(run_model(module, model, args.qps, args.samples, args.verbose, args.compare))
     rows += broken_rows
 
-    print(format_table(rows, args.qps))
+    print(format_table(rows, args.qps, args.compare))
     results = {
         "nnc_version": nnc_tool.__version__, "nnc_tool": str(Path(nnc_tool.__file__).parent),
         "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -372,7 +372,7 @@ _POSITION_NAMES = re.compile(r"position", re.IGNORECASE)
 # Candidate values of dynamic dimensions, tried in this order (index k of every list together)
 # until the model runs on one sample.
 _SPATIAL_CANDIDATES = (224, 64, 32, 28, 16, 8)
-_SEQUENCE_CANDIDATES = (16, 8, 32, 64, 4, 1)
+_SEQUENCE_CANDIDATES = (16, 8, 32, 64, 4, 1, 128, 256, 512, 1024)  # audio frames need hundreds of samples
 _CHANNELS = 3
 # At most this many sizes named by Reshape constants are tried after the candidates above.
 _IMPLIED_TRIALS = 8
@@ -394,7 +394,7 @@ def probe_inputs(model: Model, samples: int = 8, seed: int = 0) -> ModelInputs:
     channel axis (axis 1 of a rank >= 3 float input) is 3. Other dynamic dimensions are spatial
     (axes >= 2 of rank >= 3 float inputs, or named height/width/size) or sequence-like (the
     rest: token, time and sequence axes); they take candidate values - spatial 224, 64, 32, 28,
-    16, 8; sequence 16, 8, 32, 64, 4, 1; then the sizes Reshape shapes name as constants (a
+    16, 8; sequence 16, 8, 32, 64, 4, 1, 128, 256, 512, 1024 (audio chunks); then the sizes Reshape shapes name as constants (a
     traced length baked into an export) - tried together in that order until the model runs on
     one sample in onnxruntime with the declared output sizes and batch 1 (so a Reshape or a
     stride pattern that constrains them is met).
@@ -418,7 +418,7 @@ def probe_inputs(model: Model, samples: int = 8, seed: int = 0) -> ModelInputs:
     proto = to_proto(model, max_elements=64)  # dims of every tensor, values of the small ones
     facts = _GraphFacts(proto.graph)
     plans = [_dimension_plan(spec, signature) for spec in signature]
-    assignment = _choose_dimensions(model, signature, plans, facts.reshape_sizes())
+    assignment = _choose_dimensions(model, signature, plans, facts.reshape_sizes(), facts)
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     stacked: dict[str, bool] = {}
@@ -443,7 +443,9 @@ def _dimension_plan(spec: InputSpec, signature: list[InputSpec]) -> list[tuple[t
             plan.append((None, size))
             continue
         name = spec.dim_names[axis] if spec.dim_names else None
-        if name and (name in batch_names or _BATCH_NAMES.match(name)) and not _SEQUENCE_NAMES.search(name):
+        if _STATE_NAMES.search(spec.name):
+            plan.append((None, 1))  # a recurrent state's free axis is its batch (silero: [2, batch, 128])
+        elif name and (name in batch_names or _BATCH_NAMES.match(name)) and not _SEQUENCE_NAMES.search(name):
             plan.append((None, 1))
         elif axis == 0 and not (name and (_SEQUENCE_NAMES.search(name) or _SPATIAL_NAMES.search(name))):
             plan.append((None, 1))
@@ -457,7 +459,7 @@ def _dimension_plan(spec: InputSpec, signature: list[InputSpec]) -> list[tuple[t
     return plan
 
 
-def _choose_dimensions(model: Model, signature: list[InputSpec], plans, implied: Sequence[int] = ()) -> dict:
+def _choose_dimensions(model: Model, signature: list[InputSpec], plans, implied: Sequence[int] = (), facts=None) -> dict:
     """Values for the dimensions to choose: the first candidate row on which the model runs
     (the standard candidates, then each size a Reshape of the graph names, for graphs exported
     with a traced length baked in)."""
@@ -468,10 +470,11 @@ def _choose_dimensions(model: Model, signature: list[InputSpec], plans, implied:
         name for spec, plan in zip(signature, plans) for (key, size), name in zip(plan, spec.dim_names or ())
         if key is None and size == 1 and name
     }
-    rows = [
-        {key: (_SPATIAL_CANDIDATES if key[0] == "spatial" else _SEQUENCE_CANDIDATES)[k] for key in keys}
-        for k in range(len(_SPATIAL_CANDIDATES))
-    ]
+    def candidate(key, k: int) -> int:
+        sizes = _SPATIAL_CANDIDATES if key[0] == "spatial" else _SEQUENCE_CANDIDATES
+        return sizes[min(k, len(sizes) - 1)]
+
+    rows = [{key: candidate(key, k) for key in keys} for k in range(max(len(_SPATIAL_CANDIDATES), len(_SEQUENCE_CANDIDATES)))]
     rows += [{key: size for key in keys} for size in implied if size not in _SEQUENCE_CANDIDATES][:_IMPLIED_TRIALS]
     try:
         import onnxruntime as ort
@@ -489,7 +492,13 @@ def _choose_dimensions(model: Model, signature: list[InputSpec], plans, implied:
         feeds = {}
         for spec, plan in zip(signature, plans):
             shape = tuple(row.get(key, value) if key is not None else value for key, value in plan)
-            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype) if spec.dtype.kind != "f" else np.full(shape, 0.1, spec.dtype)
+            if facts is not None and spec.dtype.kind in "iub":
+                # Integer inputs take the values the probes will (an sr the graph compares with 16000).
+                feeds[spec.name] = _probe_values(spec, (1, *shape) if not shape else shape, facts, np.random.default_rng(0)).reshape(shape)
+            elif spec.dtype.kind != "f":
+                feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+            else:
+                feeds[spec.name] = np.full(shape, 0.1, spec.dtype)
         try:
             outputs = session.run(None, feeds, quiet)
         except Exception:  # this size does not fit the graph: try the next
