@@ -348,8 +348,9 @@ def encode(
     inputs (the first `calibration` samples, else inputs synthesised from the graph): a result
     whose outputs are non-finite, collapse far below what its steps predict, or fall below
     `min_snr_db` has the tensors responsible coded finer or exactly and is checked again
-    (nnc_tool/verify.py); if that cannot fix it, the encode fails with a UsageError and writes
-    nothing. ONNX models only; the report's `check` says what was measured and changed.
+    (nnc_tool/verify.py). An unmet `min_snr_db` or outputs still non-finite raise CheckError and
+    nothing is written. ONNX models only (others report the check as not run); the report's
+    `check` says what was measured and changed.
 
     `drop_optimizer_state` keeps only the model part of a training checkpoint (torch.save of a
     dict holding an optimizer's state_dict(), and LR-scheduler / GradScaler state, under any key):

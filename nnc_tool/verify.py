@@ -23,7 +23,10 @@ dropped, harmful ones split until single tensors remain. One onnxruntime session
 run: the main graph's float tensors are graph inputs too (formats.onnx_format.overridable_proto),
 so a run with other values for some of them is a run with more feeds, not a new session. `refinements` turns their measured output noise
 into how much finer each must be coded (noise ~ step^2 ~ 2^(QP/2)), or exactly when even that
-would not do; the encoder re-codes with them and checks again.
+would not do; the encoder re-codes with them and checks again, up to MAX_REPAIR_ROUNDS times,
+against the bar the first encode's steps set. A user's `min_snr_db` that still fails, or outputs
+that are still non-finite, fail the encode; a repaired collapse that stays below the bar is
+written with a warning in the report.
 """
 from __future__ import annotations
 
