@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import nnc_tool
-from inputs_factory import build_transformer
+from inputs_factory import _save as save_graph, build_transformer
 from nnc_tool import api, verify
 from nnc_tool.cli import main
 from nnc_tool.errors import CheckError
@@ -22,11 +22,7 @@ from nnc_tool.model import Tensor
 
 
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save_model(model, path)
-    return path
+    return save_graph(graph, path.parent, path.name)
 
 
 def build_offset_matmul(path: Path) -> Path:

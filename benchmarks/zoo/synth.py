@@ -180,3 +180,14 @@ def music_like(rng: np.random.Generator, samples: int, rate: int = 22050) -> np.
             audio[start:start + length] += envelope * (np.sin(2 * np.pi * f0 * t[:, None] * harmonics) @ amps)
     audio += rng.normal(0, 0.002, samples)
     return (audio / max(1e-9, float(np.max(np.abs(audio)))) * rng.uniform(0.3, 0.9)).astype(np.float32)
+
+
+def rapidocr_line(line: np.ndarray, height: int, width: int) -> np.ndarray:
+    """rapidocr's resize_norm_img (recognizer and direction classifier alike): keep the aspect at
+    `height`, at most `width` wide, scale to [-1, 1], zero-pad on the right."""
+    h, w = line.shape[:2]
+    resized_w = min(width, int(np.ceil(height * w / h)))
+    image = resize(line, resized_w, height).astype(np.float32).transpose(2, 0, 1) / 255.0
+    padded = np.zeros((3, height, width), dtype=np.float32)
+    padded[:, :, :resized_w] = (image - 0.5) / 0.5
+    return padded

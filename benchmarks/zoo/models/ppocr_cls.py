@@ -8,7 +8,7 @@ import numpy as np
 
 from ..base import Fidelity, Inputs, ZooModel, fetch_wheel_member
 from ..onnx_eval import run, run_original, snr_db, top1_agreement
-from ..synth import resize, text_line
+from ..synth import rapidocr_line, text_line
 
 PACKAGE, VERSION = "rapidocr-onnxruntime", "1.4.4"
 MEMBER = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
@@ -18,12 +18,7 @@ OUTPUT = "save_infer_model/scale_0.tmp_1"
 
 def line_tensor(line: np.ndarray) -> np.ndarray:
     """rapidocr's TextClassifier.resize_norm_img."""
-    h, w = line.shape[:2]
-    resized_w = min(WIDTH, int(np.ceil(HEIGHT * w / h)))
-    image = resize(line, resized_w, HEIGHT).astype(np.float32).transpose(2, 0, 1) / 255.0
-    padded = np.zeros((3, HEIGHT, WIDTH), dtype=np.float32)
-    padded[:, :, :resized_w] = (image - 0.5) / 0.5
-    return padded
+    return rapidocr_line(line, HEIGHT, WIDTH)
 
 
 def make_inputs(model_path: Path, samples: int) -> Inputs:
