@@ -384,7 +384,7 @@ _FOLLOW_DEPTH = 6
 _RECURRENT = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
 
 
-def probe_inputs(model: Model, samples: int = 8, seed: int = 0) -> ModelInputs:
+def probe_inputs(model: Model, samples: int = 8, seed: int = 0, session=None) -> ModelInputs:
     """Inputs synthesised from an ONNX model's input signature, `samples` of them (deterministic for a seed).
 
     Shapes. Fixed dimensions are kept. A dynamic first dimension (or one named like a batch:
@@ -409,6 +409,9 @@ def probe_inputs(model: Model, samples: int = 8, seed: int = 0) -> ModelInputs:
     sr == 16000); position ids -> 0, 1, 2, ... along the last axis; indices of a Gather from a
     constant table -> uniform below the table's size on the gathered axis (less any added
     offset); otherwise uniform in [0, 16), clipped to the type.
+    
+    `session`: an onnxruntime session of the model to try the dimensions on (the self-check
+    passes its own), else one is built.
     """
     if model.format != "onnx":
         raise UsageError(None, f"probe inputs need an ONNX model's input signature; this is a {model.format} model")
@@ -418,7 +421,7 @@ def probe_inputs(model: Model, samples: int = 8, seed: int = 0) -> ModelInputs:
     proto = to_proto(model, max_elements=64)  # dims of every tensor, values of the small ones
     facts = _GraphFacts(proto.graph)
     plans = [_dimension_plan(spec, signature) for spec in signature]
-    assignment = _choose_dimensions(model, signature, plans, facts.reshape_sizes(), facts)
+    assignment = _choose_dimensions(model, signature, plans, facts.reshape_sizes(), facts, session)
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     stacked: dict[str, bool] = {}
@@ -459,7 +462,8 @@ def _dimension_plan(spec: InputSpec, signature: list[InputSpec]) -> list[tuple[t
     return plan
 
 
-def _choose_dimensions(model: Model, signature: list[InputSpec], plans, implied: Sequence[int] = (), facts=None) -> dict:
+def _choose_dimensions(model: Model, signature: list[InputSpec], plans, implied: Sequence[int] = (), facts=None,
+                       session=None) -> dict:
     """Values for the dimensions to choose: the first candidate row on which the model runs
     (the standard candidates, then each size a Reshape of the graph names, for graphs exported
     with a traced length baked in)."""
@@ -482,8 +486,9 @@ def _choose_dimensions(model: Model, signature: list[InputSpec], plans, implied:
         from .formats.onnx_format import runtime_proto
         from .graph.onnx_util import cpu_session
 
-        proto, weights = runtime_proto(model)
-        session = cpu_session(proto, threads=1, initializers=weights)
+        if session is None:
+            proto, weights = runtime_proto(model)
+            session = cpu_session(proto, threads=1, initializers=weights)
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # a size that does not fit is expected here, not an error to print
     except Exception:  # a model onnxruntime cannot load: the caller's run will say why

@@ -107,11 +107,14 @@ class CheckReport:
         return cls("", 0, math.nan, math.nan, None, None, seconds, skipped=reason)
 
 
-def probes_for(model: Model, calibration: ModelInputs | None, samples: int = PROBE_SAMPLES) -> tuple[ModelInputs, str]:
-    """The check's inputs: the first calibration samples when given, else synthesised ones."""
+def probes_for(
+    model: Model, calibration: ModelInputs | None, samples: int = PROBE_SAMPLES, session=None
+) -> tuple[ModelInputs, str]:
+    """The check's inputs: the first calibration samples when given, else synthesised ones
+    (`session`, a session of the model, tries their dimensions)."""
     if calibration is not None and len(calibration):
         return calibration.head(samples), "calibration"
-    return probe_inputs(model, samples), "synthesised"
+    return probe_inputs(model, samples, session=session), "synthesised"
 
 
 def runnable(model: Model) -> bool:
@@ -194,11 +197,11 @@ class Checker:
 
     def __init__(self, model: Model, calibration: ModelInputs | None = None, samples: int = PROBE_SAMPLES) -> None:
         self.model = model
-        self.probes, self.source = probes_for(model, calibration, samples)
-        proto, self._feeds = overridable_proto(model)
+        proto, self._feeds, weights = overridable_proto(model)
         self._inputs = {v.name: v for v in proto.graph.input}
         # Unoptimised: builds 10x faster (magika: 0.01 instead of 0.13 s) and runs two probes as fast.
-        self._session = cpu_session(proto, threads=1, optimization_level=_no_optimisation())
+        self._session = cpu_session(proto, threads=1, optimization_level=_no_optimisation(), initializers=weights)
+        self.probes, self.source = probes_for(model, calibration, samples, self._session)
         self.reference = self.outputs({})
         self.signal = output_noise(self.reference, self.reference)[0]
         self.runs = 0

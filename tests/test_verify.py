@@ -171,7 +171,7 @@ def test_overridable_proto_feeds_constant_node_weights(tmp_path: Path) -> None:
     assert checker.outputs({})[0].shape[-1] == 3
     replaced = checker.outputs({"w": 2 * w})[0]
     np.testing.assert_allclose(replaced, 2 * checker.reference[0], rtol=1e-5)
-    proto, feeds = onnx_format.overridable_proto(model)
+    proto, feeds, _ = onnx_format.overridable_proto(model)
     assert feeds == {"w": "w"} and not any(n.op_type == "Constant" for n in proto.graph.node)
 
 

@@ -451,26 +451,36 @@ def runtime_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]
     return proto, handed
 
 
-def overridable_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, str]]:
+def overridable_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, str], dict[str, np.ndarray]]:
     """The model as a ModelProto whose main-graph float tensors can be replaced at run time.
 
     Every main-graph float tensor (initializers, and `Constant` nodes turned into initializers)
     is also declared a graph input, so an onnxruntime session runs with the stored values and
     takes other values for any of them as feeds (ONNX lets graph inputs override initializers,
-    IR >= 4). Returns the proto and, for each tensor that can be fed this way, the graph input
-    that takes it (tensor name -> input name); subgraph tensors stay baked in. IR < 4 models are
-    returned with nothing overridable.
+    IR >= 4). Returns the proto; for each tensor that can be fed this way, the graph input that
+    takes it (tensor name -> input name); and, as `runtime_proto` does, the main graph's larger
+    initializers as arrays for the session (`graph.onnx_util.cpu_session(..., initializers=)`),
+    declared external instead of copied into the proto. Subgraph tensors stay baked in. IR < 4
+    models are returned with nothing overridable.
     """
     proto, slots, arrays = _assemble(model, None)
     if proto.ir_version < 4:
         for slot, array in zip(slots, arrays):
             slot.proto.raw_data = _bytes_view(array).tobytes()
-        return proto, {}
+        return proto, {}, {}
     graph = proto.graph
     declared = {v.name for v in graph.input}
     constants = {}
+    handed: dict[str, np.ndarray] = {}
     for slot, array in zip(slots, arrays):
-        slot.proto.raw_data = _bytes_view(array).tobytes()
+        # onnxruntime makes OrtValues of numpy's own dtypes only: bfloat16 stays inline.
+        if slot.key[0] == 0 and array.size > INLINE_ELEMENTS and array.dtype.kind != "V":
+            slot.proto.data_location = onnx.TensorProto.EXTERNAL
+            entry = slot.proto.external_data.add()
+            entry.key, entry.value = "location", "in-memory"
+            handed[slot.key[1]] = array
+        else:
+            slot.proto.raw_data = _bytes_view(array).tobytes()
         if slot.key[0] == 0 and not slot.is_initializer:
             constants[slot.key[1]] = slot
     if constants:
@@ -493,7 +503,7 @@ def overridable_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, str]]:
         if init.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         names[by_value[init.name]] = init.name
-    return proto, names
+    return proto, names, handed
 
 
 def _fit(tensor: Tensor, slot: _Slot, path: Path) -> np.ndarray:
