@@ -44,7 +44,7 @@ from .inputs import ModelInputs, as_model_inputs, run_model
 from .model import Model, Tensor, TensorRole
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorms
-from .quantize.allocation import FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization
+from .quantize.allocation import FOLD_ROWS, FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization
 from .ratecontrol import RateControlReport, RateTarget, Trial, search_qp
 from .verify import Checker, CheckReport, describe_refinements, repair, runnable
 from .quantize.uniform import QuantSettings, effective_nonweight_qp
@@ -285,6 +285,7 @@ def prepare_model(
             result = fold_batchnorms(model)
             model, folded = result.model, result.count
             cache[FOLD_SCALES] = result.scales
+            cache[FOLD_ROWS] = result.row_scaled
         if measuring is not None:
             cache[MEASURED_MOMENTS] = measuring.result()
     return PreparedModel(model, moments, folded, cache)

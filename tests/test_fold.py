@@ -358,3 +358,43 @@ def test_fold_reports_the_scale_of_every_rewritten_weight() -> None:
     bn = {t.name: t.array.astype(np.float64) for t in model.tensors if t.name.startswith("bn.")}
     expected = np.abs(bn["bn.scale"] / np.sqrt(bn["bn.var"] + np.float32(1e-3)))
     np.testing.assert_allclose(result.scales["conv1.weight"], expected, rtol=1e-12)
+
+
+def test_rows_folding_scaled_differently_keep_their_unfolded_steps() -> None:
+    """Channel scales spanning 10^4 (real exports have them): each folded row gets the step its
+    unfolded row had (per-row QPs 4 log2(s_r / median s) around the tensor's), so no row is
+    rounded coarser, relative to its values, than it would have been unfolded."""
+    from nnc_tool.quantize.allocation import plan_quantization
+
+    rng = np.random.default_rng(7)
+    w1 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((8, 16, 3, 3)).astype(np.float32) * 0.1
+    spread = np.logspace(-2, 2, 16)  # BN scale s from 0.01 to 100 across channels
+    bn = {"bn.scale": spread, "bn.bias": 0.1 * rng.standard_normal(16), "bn.mean": np.zeros(16), "bn.var": np.ones(16)}
+    inits = [numpy_helper.from_array(w1, "conv1.weight"), numpy_helper.from_array(w2, "conv2.weight")]
+    inits += [numpy_helper.from_array(v.astype(np.float32), k) for k, v in bn.items()]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.weight"], ["c1"], pads=[1, 1, 1, 1]),
+        _bn_node("c1", "b1"),
+        helper.make_node("Conv", ["b1", "conv2.weight"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    x = helper.make_tensor_value_info("x", F32, [None, 3, 16, 16])
+    y = helper.make_tensor_value_info("y", F32, [None, 8, 16, 16])
+    model = _model(nodes, inits, [x], [y])
+    feeds = {"x": np.random.default_rng(8).standard_normal((4, 3, 16, 16)).astype(np.float32)}
+    reference = _run(model, feeds)
+    options = nnc_tool.EncodeOptions(qp=-30, allocate=False, error_feedback=False, bias_correction=False, kernel_correlation=0.0)
+
+    def encode(fold: bool) -> tuple[float, object]:
+        prepared = nnc_tool.api.prepare_model(model, options, None, fold_batchnorm=fold)
+        plan = plan_quantization(prepared.model, options, cache=prepared.plan_cache, moments=prepared.moments)
+        data, _ = nnc_tool.api.compress_model(prepared.model, options, plan_cache=prepared.plan_cache, moments=prepared.moments)
+        rebuilt = _run(nnc_tool.decompress_model(data), feeds)
+        return 10 * np.log10((reference**2).sum() / ((reference - rebuilt) ** 2).sum()), plan
+
+    folded, plan = encode(True)
+    unfolded, _ = encode(False)
+    assert folded > unfolded - 1.0 and folded > 30
+    scales = spread / np.sqrt(1.0 + np.float32(1e-3))
+    expected = np.rint(4 * np.log2(scales / np.median(scales))).astype(int)
+    assert plan.settings["conv1.weight"].row_qp_offsets == tuple(expected)

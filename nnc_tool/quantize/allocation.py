@@ -77,6 +77,8 @@ RunModel = Callable[[Model, "np.ndarray | ModelInputs"], np.ndarray]
 
 # Allocated QPs stay within settings.qp +- this (a step 16x finer or coarser).
 MAX_QP_OFFSET = 16
+# Bound of a folded weight's per-row offsets (2^16 either way: beyond, a row is dead or exploding).
+MAX_ROW_OFFSET = 64
 # Data-free proxy: step_i ~ scale_i * n_i^DATA_FREE_SIZE_EXPONENT (see the module docstring).
 DATA_FREE_SIZE_EXPONENT = 0.75
 # Probe noise of the sensitivity measurement, relative to the tensor's RMS (small enough to stay
@@ -100,8 +102,10 @@ FULL_CALIBRATION_PARAMETERS = 2_000_000
 # plan_quantization's cache entry for fast calibration's measured moments (api.prepare_model
 # fills it in while BatchNorm is folded).
 MEASURED_MOMENTS = "measured_moments"
-# Plan-cache key of BatchNorm folding's per-channel weight scales (quantize/fold.py FoldResult.scales).
+# Plan-cache keys of BatchNorm folding's per-channel weight scales and of the weights whose rows
+# they scale (quantize/fold.py FoldResult.scales / .row_scaled).
 FOLD_SCALES = "fold_scales"
+FOLD_ROWS = "fold_rows"
 
 _QUANTIZABLE = (TensorRole.WEIGHT, TensorRole.NONWEIGHT)
 _FLOATS = ("float32", "float16", "bfloat16", "float64")
@@ -288,6 +292,21 @@ def fold_qp_shift(scales: np.ndarray) -> float:
     return 4.0 * float(np.log2(np.median(scales))) if scales.size else 0.0
 
 
+def fold_row_offsets(scales: np.ndarray) -> tuple[int, ...] | None:
+    """QP offsets per row of a folded weight so that each row keeps the step its unfolded row
+    had: 4 log2(s_r / median s) on the QP grid (dead rows, s = 0, take 0). None when every
+    offset is 0 (one step serves)."""
+    scales = np.abs(np.asarray(scales, dtype=np.float64))
+    live = scales > 0
+    if not live.any():
+        return None
+    centre = np.median(scales[live])
+    offsets = np.zeros(scales.shape, dtype=np.int64)
+    offsets[live] = np.rint(4.0 * np.log2(scales[live] / centre))
+    offsets = np.clip(offsets, -MAX_ROW_OFFSET, MAX_ROW_OFFSET)
+    return tuple(int(o) for o in offsets) if offsets.any() else None
+
+
 def tensor_settings(model: Model, settings: QuantSettings, qps: dict[str, int]) -> dict[str, QuantSettings]:
     """Per-tensor settings carrying the allocated QPs (WEIGHT: qp, NONWEIGHT: nonweight_qp)."""
     out = {}
@@ -456,6 +475,12 @@ def plan_quantization(
             base = settings.qp if t.role == TensorRole.WEIGHT else effective_nonweight_qp(settings)
             qps[t.name] = int(np.clip(qps.get(t.name, base) - finer, *QP_RANGE))
     per_tensor = tensor_settings(model, settings, qps)
+    if not settings.per_channel:
+        for name in cache.get(FOLD_ROWS, ()):
+            if name in fold_shifts:
+                offsets = fold_row_offsets(cache[FOLD_SCALES][name])
+                if offsets is not None:
+                    per_tensor[name] = replace(per_tensor.get(name, settings), row_qp_offsets=offsets)
     tensors, compensated = [], []
     for t in model.tensors:
         lh = hessians.get(t.name)
@@ -540,13 +565,16 @@ def _round_estimated(
     for position, tensor in enumerate(tensors):
         if tensor.name in estimated and np.isfinite(tensor.array).all():
             factor, kernel = estimated[tensor.name]
-            qps = np.array([per_tensor.get(tensor.name, settings).qp], dtype=np.int16)  # one step: no per-channel steps here
+            own = per_tensor.get(tensor.name, settings)
+            _, qps = choose_steps(tensor.array, tensor.role, own)  # one QP, or one per row of a folded weight
             by_kernel.setdefault(kernel, []).append((position, qps, factor))
     out, rounded = list(tensors), []
     for kernel, layers in by_kernel.items():
         steps = [step_for_qp(qps) for _, qps, _ in layers]
+        # Rows are rounded independently: a row with its own step is the same problem on the row
+        # divided by that step with step 1.
         levels = kronecker_gptq_round(
-            [(tensors[position].array.reshape(*tensors[position].array.shape[:2], -1), float(step[0]), factor)
+            [(_scaled_rows(tensors[position].array, step), 1.0 if step.size > 1 else float(step[0]), factor)
              for (position, _, factor), step in zip(layers, steps)],
             kernel, settings.kernel_correlation,
         )
@@ -555,11 +583,19 @@ def _round_estimated(
             if np.abs(level).max(initial=0) >= EXACT_LEVELS:  # float32 could not hold level * step exactly
                 continue
             level = level.reshape(tensor.array.shape)
-            chosen[tensor.name] = Quantized(level, step, qps)
-            values = np.multiply(level, step[0], dtype=np.float32)  # as the decoder rebuilds them
-            out[position] = Tensor(tensor.name, values, tensor.role)
+            quantized = Quantized(level, step, qps)
+            chosen[tensor.name] = quantized
+            out[position] = Tensor(tensor.name, dequantize(level, step), tensor.role)  # as the decoder rebuilds them
             rounded.append(tensor.name)
     return out, rounded
+
+
+def _scaled_rows(array: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """A convolution weight as [rows, channels, taps], each row divided by its own step when it has one."""
+    rows = array.reshape(*array.shape[:2], -1)
+    if steps.size == 1:
+        return rows
+    return (rows / steps.astype(np.float32)[:, None, None]).astype(np.float32)
 
 
 def _reconstruction(tensor: Tensor, settings: QuantSettings, chosen: dict[str, Quantized]) -> np.ndarray | None:

@@ -70,12 +70,14 @@ class FoldResult:
     `scales` maps each rewritten weight to |s| per output channel (float64): W' = W * s. The
     quantization plan reads them to give a folded weight the step the unfolded one would have
     had (a BN whose s is 1e-4 shrinks its conv's weights 10^4-fold; one absolute step for all
-    weights would round them to zero).
+    weights would round them to zero). `row_scaled` names the weights whose first (stored) axis
+    is that output channel (Conv, Gemm with transB): their rows can each take their own step.
     """
 
     model: Model
     count: int
     scales: dict[str, np.ndarray]
+    row_scaled: frozenset[str] = frozenset()
 
 
 def fold_batchnorms(model: Model) -> FoldResult:
@@ -92,7 +94,7 @@ def fold_batchnorms(model: Model) -> FoldResult:
     folded = folder.run()
     if not folded:
         return FoldResult(model, 0, {})
-    return FoldResult(onnx_format.from_proto(proto, dict(model.metadata)), folded, folder.scales)
+    return FoldResult(onnx_format.from_proto(proto, dict(model.metadata)), folded, folder.scales, frozenset(folder.row_scaled))
 
 
 def fold_batchnorm(model: Model) -> tuple[Model, int]:
@@ -225,6 +227,7 @@ class _Folder:
         _all_names(graph, self.names, self.node_names)
         self.removed: set[int] = set()  # id() of nodes to drop
         self.scales: dict[str, np.ndarray] = {}  # weight name -> |s| per output channel
+        self.row_scaled: set[str] = set()  # weights whose axis 0 is the output channel
         self.added_after: dict[int, onnx.NodeProto] = {}  # id(BN node) -> node replacing it
         # Initializers are added/removed only at the end, so the TensorProtos held in `consts`
         # stay the ones in the graph while folding:
@@ -367,6 +370,8 @@ class _Folder:
         # Everything checked: rewrite.
         _set_array(weight.tensor, scale_w(w, s))
         self.scales[weight.name] = np.abs(s)
+        if layer.op_type == "Conv" or (layer.op_type == "Gemm" and int(_attr(layer, "transB", 0))):
+            self.row_scaled.add(weight.name)
         out = bn.output[0]
         if layer.op_type == "MatMul":
             self._add_matmul_bias(layer, bn, weight, bias)

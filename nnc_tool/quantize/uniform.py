@@ -94,6 +94,9 @@ class QuantSettings:
     dependent: bool = False
     kernel_correlation: float = DEFAULT_KERNEL_CORRELATION
     calibration_mode: str = "auto"
+    # Per output channel (first axis) QP offsets of one WEIGHT tensor, set by the plan for weights
+    # whose rows BatchNorm folding scaled differently (allocation.fold_row_offsets); None: one step.
+    row_qp_offsets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.calibration_mode not in CALIBRATION_MODES:
@@ -192,6 +195,9 @@ def choose_steps(
         steps = np.where(peaks > 0, peaks / top_level, 1.0).astype(np.float32)
         return steps, None
 
+    if settings.row_qp_offsets is not None and role == TensorRole.WEIGHT and len(settings.row_qp_offsets) == rows.shape[0]:
+        qps = np.clip(base_qp + np.asarray(settings.row_qp_offsets, dtype=np.int64), *QP_RANGE).astype(np.int16)
+        return step_for_qp(qps), qps
     if not per_channel:
         qps = np.array([base_qp], dtype=np.int16)
         return step_for_qp(qps), qps
