@@ -501,8 +501,9 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
             packed = f"  {len(unit.packed)} tensors" if unit.packed else ""
             click.echo(f"  @{unit.offset:<8} {unit.type:<14} {unit.size:>10} B{packed}")
             for t in unit.packed:
+                why = f"  [{t.reason}]" if t.reason else ""
                 click.echo(f"  {'':<9} packed {t.name:<38} {t.role:<9} {t.dtype:<8} {str(list(t.shape)):<18} "
-                           f"{'packed':>12}")
+                           f"{'packed':>12}{why}")
             continue
         t = unit.tensor
         detail = t.coding if t.step is None else f"step {t.step:.4g}" + (f" (qp {t.qp})" if t.qp is not None else "")
