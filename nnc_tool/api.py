@@ -46,7 +46,7 @@ from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorms
 from .quantize.allocation import FOLD_ROWS, FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization
 from .ratecontrol import RateControlReport, RateTarget, Trial, search_qp
-from .verify import Checker, CheckReport, describe_refinements, repair, runnable
+from .verify import CHECK_MAX_VALUES, Checker, CheckReport, describe_refinements, repair, runnable
 from .quantize.uniform import QuantSettings, effective_nonweight_qp
 
 EncodeOptions = QuantSettings
@@ -398,13 +398,14 @@ def encode(
     if target is not None:
         rate_report = _control_rate(model, model_path, options, target, original_bytes, calibration, evaluation, plan_cache, moments)
         options = replace(options, qp=rate_report.chosen_qp)
-    checking = verify and runnable(model) and not options.lossless
+    unchecked = None if options.lossless else _why_unchecked(model)
+    checking = verify and not options.lossless and unchecked is None
     if min_snr_db is not None and not checking:
-        reason = "lossless output is exact" if options.lossless else f"it runs only ONNX models, this is a {model.format} model"
+        reason = "lossless output is exact" if options.lossless else unchecked or "--no-check skips it"
         raise UsageError(model_path, f"--min-snr needs the self-check, and {reason}")
     check_report = None
-    if verify and not checking and not options.lossless:
-        check_report = CheckReport.not_run(f"the self-check runs ONNX models in onnxruntime; this is a {model.format} model")
+    if verify and unchecked is not None:
+        check_report = CheckReport.not_run(unchecked)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # The probes, the checker's session and the reference run (onnxruntime releases the GIL)
         # overlap quantization and coding.
@@ -453,6 +454,17 @@ def encode(
         optimizer_state_bytes=sum(t.coded_bytes for t in summary.tensors if t.name in optimizer_names),
         dropped_optimizer_tensors=dropped,
     )
+
+
+def _why_unchecked(model: Model) -> str | None:
+    """Why the self-check cannot run on `model`, or None when it can."""
+    if not runnable(model):
+        return f"the self-check runs ONNX models in onnxruntime; this is a {model.format} model"
+    values = sum(t.array.size for t in model.tensors if t.is_float)
+    if values > CHECK_MAX_VALUES:
+        # It holds the rebuilt weights beside the model's: past this, memory would double.
+        return f"the self-check holds a second copy of the weights; {values / 1e6:.0f} M values are over its {CHECK_MAX_VALUES // 10**6} M"
+    return None
 
 
 def _ready_checker(future) -> Checker | CheckReport:

@@ -54,6 +54,9 @@ MAX_SEARCH_RUNS = 64
 MAX_REPAIR_ROUNDS = 3
 # A tensor that would need more than this many QP finer is coded exactly instead.
 MAX_REFINEMENT_QP = 32
+# Float values of a model beyond which the check is skipped: it keeps the rebuilt weights beside
+# the model's (streamed encodes of large models stay near one copy of the weights in memory).
+CHECK_MAX_VALUES = 64 * 10**6
 # Groups split into this many parts while searching.
 SEARCH_FANOUT = 4
 

@@ -184,3 +184,12 @@ def test_a_model_onnxruntime_cannot_run_is_encoded_and_says_so(tmp_path: Path) -
     with pytest.raises(CheckError, match="cannot be checked"):
         api.encode(path, tmp_path / "again.nnc", min_snr_db=20)
     assert not (tmp_path / "again.nnc").exists()
+
+
+def test_models_too_large_to_hold_twice_are_not_checked(tmp_path: Path, samples_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr(verify, "CHECK_MAX_VALUES", 1000)
+    monkeypatch.setattr(api, "CHECK_MAX_VALUES", 1000)
+    report = api.encode(samples_dir / "mlp.onnx", None)
+    assert report.check.passed is None and "second copy" in report.check.skipped
+    with pytest.raises(nnc_tool.errors.UsageError, match="--min-snr needs the self-check"):
+        api.encode(samples_dir / "mlp.onnx", None, min_snr_db=30)
