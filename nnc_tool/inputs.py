@@ -384,7 +384,7 @@ _FOLLOW_DEPTH = 6
 _RECURRENT = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
 
 
-def probe_inputs(model: Model, samples: int = 8, seed: int = 0, session=None) -> ModelInputs:
+def probe_inputs(model: Model, samples: int = 8, seed: int = 0, session=None, proto=None) -> ModelInputs:
     """Inputs synthesised from an ONNX model's input signature, `samples` of them (deterministic for a seed).
 
     Shapes. Fixed dimensions are kept. A dynamic first dimension (or one named like a batch:
@@ -410,15 +410,17 @@ def probe_inputs(model: Model, samples: int = 8, seed: int = 0, session=None) ->
     constant table -> uniform below the table's size on the gathered axis (less any added
     offset); otherwise uniform in [0, 16), clipped to the type.
     
-    `session`: an onnxruntime session of the model to try the dimensions on (the self-check
-    passes its own), else one is built.
+    `session`: an onnxruntime session of the model to try the dimensions on, and `proto`: the
+    model's ModelProto with every tensor's dims and the values of the small ones (the self-check
+    passes its own of both), else they are built.
     """
     if model.format != "onnx":
         raise UsageError(None, f"probe inputs need an ONNX model's input signature; this is a {model.format} model")
     from .formats.onnx_format import to_proto
 
     signature = input_signature(model)
-    proto = to_proto(model, max_elements=64)  # dims of every tensor, values of the small ones
+    if proto is None:
+        proto = to_proto(model, max_elements=64)  # dims of every tensor, values of the small ones
     facts = _GraphFacts(proto.graph)
     plans = [_dimension_plan(spec, signature) for spec in signature]
     assignment = _choose_dimensions(model, signature, plans, facts.reshape_sizes(), facts, session)

@@ -111,13 +111,13 @@ class CheckReport:
 
 
 def probes_for(
-    model: Model, calibration: ModelInputs | None, samples: int = PROBE_SAMPLES, session=None
+    model: Model, calibration: ModelInputs | None, samples: int = PROBE_SAMPLES, session=None, proto=None
 ) -> tuple[ModelInputs, str]:
     """The check's inputs: the first calibration samples when given, else synthesised ones
-    (`session`, a session of the model, tries their dimensions)."""
+    (`session` and `proto`, the model's, serve the synthesis: see inputs.probe_inputs)."""
     if calibration is not None and len(calibration):
         return calibration.head(samples), "calibration"
-    return probe_inputs(model, samples, session=session), "synthesised"
+    return probe_inputs(model, samples, session=session, proto=proto), "synthesised"
 
 
 def runnable(model: Model) -> bool:
@@ -207,7 +207,7 @@ class Checker:
         self._inputs = {v.name: v for v in proto.graph.input}
         # Unoptimised: builds 10x faster (magika: 0.01 instead of 0.13 s) and runs two probes as fast.
         self._session = cpu_session(proto, threads=1, optimization_level=_no_optimisation(), initializers=weights)
-        self.probes, self.source = probes_for(model, calibration, samples, self._session)
+        self.probes, self.source = probes_for(model, calibration, samples, self._session, proto)
         self.reference = self.outputs({})
         self.signal = output_noise(self.reference, self.reference)[0]
         self.runs = 0

@@ -193,3 +193,24 @@ def test_models_too_large_to_hold_twice_are_not_checked(tmp_path: Path, samples_
     assert report.check.passed is None and "second copy" in report.check.skipped
     with pytest.raises(nnc_tool.errors.UsageError, match="--min-snr needs the self-check"):
         api.encode(samples_dir / "mlp.onnx", None, min_snr_db=30)
+
+
+def test_weights_inside_if_branches_are_fed_like_main_graph_weights(tmp_path: Path) -> None:
+    """Subgraph tensors move to the main graph (the branches read them from the outer scope), so
+    one session serves checks and culprit searches of models with control flow (silero-vad)."""
+    from dataclasses import replace
+
+    from onnx_factory import build_if_subgraph
+
+    model = read_model(build_if_subgraph(tmp_path))
+    checker = verify.Checker(model)
+    inner = [t for t in model.tensors if "/" in t.name and t.is_float]
+    # A branch's "w" shadows the main graph's "w": moving it out would capture the wrong value,
+    # so it stays baked in (and is replaced through a session of its own).
+    assert {t.name for t in inner if t.name not in checker._feeds} == {"gate/then_branch/w"}
+    for tensor in inner:
+        changed = (tensor.array * 1.5).astype(tensor.array.dtype)
+        rebuilt = replace(model, tensors=[Tensor(t.name, changed, t.role) if t.name == tensor.name else t for t in model.tensors])
+        expected = run_model(rebuilt, checker.probes)
+        for got, want in zip(checker.outputs({tensor.name: changed}), expected):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

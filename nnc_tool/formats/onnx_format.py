@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -452,16 +453,18 @@ def runtime_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]
 
 
 def overridable_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, str], dict[str, np.ndarray]]:
-    """The model as a ModelProto whose main-graph float tensors can be replaced at run time.
+    """The model as a ModelProto whose float tensors can be replaced at run time.
 
-    Every main-graph float tensor (initializers, and `Constant` nodes turned into initializers)
-    is also declared a graph input, so an onnxruntime session runs with the stored values and
-    takes other values for any of them as feeds (ONNX lets graph inputs override initializers,
-    IR >= 4). Returns the proto; for each tensor that can be fed this way, the graph input that
-    takes it (tensor name -> input name); and, as `runtime_proto` does, the main graph's larger
-    initializers as arrays for the session (`graph.onnx_util.cpu_session(..., initializers=)`),
-    declared external instead of copied into the proto. Subgraph tensors stay baked in. IR < 4
-    models are returned with nothing overridable.
+    Every float tensor becomes a main-graph initializer that is also declared a graph input, so
+    an onnxruntime session runs with the stored values and takes other values for any of them
+    as feeds (ONNX lets graph inputs override initializers, IR >= 4): `Constant` nodes turn into
+    initializers, and a tensor of an `If`/`Loop`/`Scan` body moves to the main graph, which the
+    body reads from its outer scope (only when its name is unique in the whole model, so moving
+    it cannot capture another value). Returns the proto; for each tensor that can be fed, the
+    graph input that takes it (tensor name -> input name); and, as `runtime_proto` does, the
+    larger initializers as arrays for the session (`graph.onnx_util.cpu_session(...,
+    initializers=)`), declared external instead of copied into the proto. IR < 4 models are
+    returned with nothing overridable.
     """
     proto, slots, arrays = _assemble(model, None)
     if proto.ir_version < 4:
@@ -469,41 +472,69 @@ def overridable_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, str], di
             slot.proto.raw_data = _bytes_view(array).tobytes()
         return proto, {}, {}
     graph = proto.graph
-    declared = {v.name for v in graph.input}
-    constants = {}
+    occurrences: dict[str, int] = defaultdict(int)
+    _count_value_names(graph, occurrences)
+    hoisted = {
+        slot.key[1]: slot for slot in slots
+        if _ONNX_DTYPES[slot.proto.data_type] in FLOAT_DTYPES and (slot.key[0] == 0 or occurrences[slot.key[1]] == 1)
+    }
     handed: dict[str, np.ndarray] = {}
     for slot, array in zip(slots, arrays):
         # onnxruntime makes OrtValues of numpy's own dtypes only: bfloat16 stays inline.
-        if slot.key[0] == 0 and array.size > INLINE_ELEMENTS and array.dtype.kind != "V":
+        if hoisted.get(slot.key[1]) is slot and array.size > INLINE_ELEMENTS and array.dtype.kind != "V":
             slot.proto.data_location = onnx.TensorProto.EXTERNAL
             entry = slot.proto.external_data.add()
             entry.key, entry.value = "location", "in-memory"
             handed[slot.key[1]] = array
         else:
             slot.proto.raw_data = _bytes_view(array).tobytes()
-        if slot.key[0] == 0 and not slot.is_initializer:
-            constants[slot.key[1]] = slot
-    if constants:
-        kept = []
-        for node in graph.node:
-            if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS and node.output and node.output[0] in constants:
-                tensor = onnx.TensorProto()
-                tensor.CopyFrom(constants[node.output[0]].proto)
-                tensor.name = node.output[0]
-                graph.initializer.append(tensor)
-            else:
-                kept.append(node)
+    moved: list[onnx.TensorProto] = []
+    _hoist(graph, hoisted, moved, main=True)
+    graph.initializer.extend(moved)
+    declared = {v.name for v in graph.input}
+    for init in graph.initializer:
+        if init.name in hoisted and init.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return proto, {slot.name: value for value, slot in hoisted.items()}, handed
+
+
+def _count_value_names(graph: onnx.GraphProto, counts: dict[str, int]) -> None:
+    """How often each value name is defined anywhere in the graph hierarchy."""
+    for name in [v.name for v in graph.input] + [t.name for t in graph.initializer]:
+        counts[name] += 1
+    for node in graph.node:
+        for out in node.output:
+            if out:
+                counts[out] += 1
+        for _, sub in _subgraphs(node):
+            _count_value_names(sub, counts)
+
+
+def _hoist(graph: onnx.GraphProto, hoisted: dict[str, _Slot], moved: list[onnx.TensorProto], main: bool) -> None:
+    """Take the `hoisted` tensors out of `graph` and its subgraphs into `moved` (Constant nodes
+    become initializers; subgraph initializers leave their body)."""
+    kept = []
+    for node in graph.node:
+        out = node.output[0] if node.output else ""
+        if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS and out in hoisted and _constant_tensor(node) is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(hoisted[out].proto)
+            tensor.name = out
+            moved.append(tensor)
+            continue
+        for _, sub in _subgraphs(node):
+            _hoist(sub, hoisted, moved, main=False)
+        kept.append(node)
+    if len(kept) != len(graph.node):
         del graph.node[:]
         graph.node.extend(kept)
-    names: dict[str, str] = {}
-    by_value = {slot.key[1]: slot.name for slot in slots if slot.key[0] == 0}
-    for init in graph.initializer:
-        if _ONNX_DTYPES.get(init.data_type) not in FLOAT_DTYPES or init.name not in by_value:
-            continue
-        if init.name not in declared:
-            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        names[by_value[init.name]] = init.name
-    return proto, names, handed
+    if not main:
+        leaving = [i for i, init in enumerate(graph.initializer) if init.name in hoisted]
+        for index in reversed(leaving):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(graph.initializer[index])
+            moved.append(tensor)
+            del graph.initializer[index]
 
 
 def _fit(tensor: Tensor, slot: _Slot, path: Path) -> np.ndarray:
