@@ -513,10 +513,13 @@ def _count_value_names(graph: onnx.GraphProto, counts: dict[str, int]) -> None:
 def _hoist(graph: onnx.GraphProto, hoisted: dict[str, _Slot], moved: list[onnx.TensorProto], main: bool) -> None:
     """Take the `hoisted` tensors out of `graph` and its subgraphs into `moved` (Constant nodes
     become initializers; subgraph initializers leave their body)."""
+    # A main-graph tensor's name may be defined again inside a body (shadowing): only the graph
+    # the hoisted tensor lives in gives it up.
+    mine = {name for name, slot in hoisted.items() if (slot.key[0] == 0) == main}
     kept = []
     for node in graph.node:
         out = node.output[0] if node.output else ""
-        if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS and out in hoisted and _constant_tensor(node) is not None:
+        if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS and out in mine and _constant_tensor(node) is not None:
             tensor = onnx.TensorProto()
             tensor.CopyFrom(hoisted[out].proto)
             tensor.name = out
@@ -529,7 +532,7 @@ def _hoist(graph: onnx.GraphProto, hoisted: dict[str, _Slot], moved: list[onnx.T
         del graph.node[:]
         graph.node.extend(kept)
     if not main:
-        leaving = [i for i, init in enumerate(graph.initializer) if init.name in hoisted]
+        leaving = [i for i, init in enumerate(graph.initializer) if init.name in mine]
         for index in reversed(leaving):
             tensor = onnx.TensorProto()
             tensor.CopyFrom(graph.initializer[index])
