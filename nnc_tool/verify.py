@@ -210,13 +210,11 @@ class Checker:
         self.probes, self.source = probes_for(model, calibration, samples, self._session, proto)
         self.reference = self.outputs({})
         self.signal = output_noise(self.reference, self.reference)[0]
-        self.runs = 0
 
     def outputs(self, replaced: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Every output on the probes with `replaced` tensors (name -> values) in place of the model's."""
-        self.runs = getattr(self, "runs", 0) + 1
         if any(name not in self._feeds for name in replaced):
-            # A subgraph tensor is baked into the graph: this run needs a session of its own.
+            # A body tensor whose name another value shares stays baked in: a session of its own.
             tensors = [Tensor(t.name, replaced[t.name], t.role) if t.name in replaced else t for t in self.model.tensors]
             return run_model(replace(self.model, tensors=tensors), self.probes)
         feeds = {}
