@@ -40,7 +40,7 @@ from .formats import (
 )
 from .graph.activation_stats import ChannelMoments, channel_moments
 from .graph.measured_stats import measure_channel_moments
-from .inputs import ModelInputs, as_model_inputs, run_model
+from .inputs import ModelInputs, as_model_inputs, calibration_inputs, run_model
 from .model import Model, Tensor, TensorRole
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorms
@@ -272,7 +272,7 @@ def prepare_model(
     Digits ResNet-18, median of 10: 0.22 s one after the other, 0.17 s side by side.
     """
     options = options or EncodeOptions()
-    calibration = _calibration_inputs(calibration, model)
+    calibration = calibration_inputs(calibration, model)
     fast = calibration is not None and fast_calibration(model, options)
     cache: dict = {}
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -379,7 +379,7 @@ def encode(
     if output_path is not None and same_file(model_path, output_path):
         raise UsageError(output_path, "output would overwrite the input model")
     model = read_model(model_path)
-    calibration = _calibration_inputs(calibration, model)
+    calibration = calibration_inputs(calibration, model)
     if isinstance(evaluation, tuple):
         evaluation = ModelInputs({"x": np.asarray(evaluation[0])}, labels=None if evaluation[1] is None else np.asarray(evaluation[1]))
     evaluation = as_model_inputs(evaluation, model)
@@ -502,9 +502,8 @@ def _checked(
     def recode(refinements: dict[str, int | None]) -> list[Tensor]:
         nonlocal latest
         again: list[Tensor] = []
-        if hasattr(sink, "truncate"):
-            sink.seek(0)
-            sink.truncate()
+        sink.seek(0)
+        sink.truncate()
         latest = write_bitstream(
             checker.model, sink, options, original_bytes, calibration, None, plan_cache, moments,
             refinements=refinements, rebuilt=again,
@@ -572,14 +571,6 @@ def _control_rate(
         return search_qp(target, measure, original_bytes, original_accuracy)
     except UsageError as err:
         raise UsageError(model_path, err.problem) from None
-
-
-def _calibration_inputs(calibration: Inputs | None, model: Model) -> ModelInputs | None:
-    """Calibration inputs bound to the model; None for none or no samples."""
-    if calibration is None or (isinstance(calibration, np.ndarray) and calibration.size == 0):
-        return None
-    bound = as_model_inputs(calibration, model)
-    return bound if len(bound) else None
 
 
 def _all_outputs(model: Model, inputs: ModelInputs) -> list[np.ndarray]:

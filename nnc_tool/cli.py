@@ -409,8 +409,12 @@ def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: boo
     if verbose:
         for t in report.tensors:
             step = f"step {t.step:.3g}" if t.step is not None else "lossless"
-            why = f"  [{t.reason}]" if t.reason else ""
-            echo(f"  {t.name:<40} {t.role:<9} {str(list(t.shape)):<18} {step:<14} {t.coded_bytes:>10} B{why}")
+            echo(f"  {t.name:<40} {t.role:<9} {str(list(t.shape)):<18} {step:<14} {t.coded_bytes:>10} B{_reason(t)}")
+
+
+def _reason(tensor: api.TensorReport) -> str:
+    """The tensor's role reason as the listings end their row with it."""
+    return f"  [{tensor.reason}]" if tensor.reason else ""
 
 
 def _check_lines(check, verbose: bool) -> list[str]:
@@ -501,18 +505,16 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
             packed = f"  {len(unit.packed)} tensors" if unit.packed else ""
             click.echo(f"  @{unit.offset:<8} {unit.type:<14} {unit.size:>10} B{packed}")
             for t in unit.packed:
-                why = f"  [{t.reason}]" if t.reason else ""
                 click.echo(f"  {'':<9} packed {t.name:<38} {t.role:<9} {t.dtype:<8} {str(list(t.shape)):<18} "
-                           f"{'packed':>12}{why}")
+                           f"{'packed':>12}{_reason(t)}")
             continue
         t = unit.tensor
         detail = t.coding if t.step is None else f"step {t.step:.4g}" + (f" (qp {t.qp})" if t.qp is not None else "")
         if t.zero_rows:
             detail += f", {t.zero_rows} zero rows skipped"
-        why = f"  [{t.reason}]" if t.reason else ""
         click.echo(
             f"  @{unit.offset:<8} data {t.name:<40} {t.role:<9} {t.dtype:<8} {str(list(t.shape)):<18} "
-            f"{unit.size:>10} B  {detail}{why}"
+            f"{unit.size:>10} B  {detail}{_reason(t)}"
         )
     if stream.entropy is not None:
         click.echo(describe_entropy_report(stream.entropy))

@@ -32,8 +32,8 @@ from .errors import NncError, UsageError
 from .model import Model, numpy_dtype
 
 __all__ = [
-    "InputSpec", "ModelInputs", "as_model_inputs", "input_signature", "load_inputs", "probe_inputs", "read_inputs",
-    "run_model", "run_session",
+    "InputSpec", "ModelInputs", "ReplaceableSession", "as_model_inputs", "calibration_inputs", "input_signature",
+    "load_inputs", "probe_inputs", "read_inputs", "run_model", "run_session",
 ]
 
 # The .npz array that holds labels (for --data), never a model input.
@@ -229,6 +229,45 @@ def run_model(model: Model, inputs: ModelInputs | np.ndarray, batch_size: int = 
     proto, weights = runtime_proto(model)
     session = cpu_session(proto, threads=1, initializers=weights)
     return run_session(session, inputs, batch_size=batch_size)
+
+
+class ReplaceableSession:
+    """One onnxruntime session of an ONNX `Model` whose float tensors can be replaced run by run
+    (formats.onnx_format.overridable_proto: they are graph inputs too), so running the model
+    with other values for a few tensors costs a run, not a session build.
+
+    `names` are the tensors that can be replaced (a body tensor whose name another value shares
+    stays baked in); `session` and `proto` serve callers that need the model's own session too.
+    """
+
+    def __init__(self, model: Model, threads: int = 1, optimization_level=None) -> None:
+        from .formats.onnx_format import overridable_proto
+        from .graph.onnx_util import cpu_session
+
+        self.proto, self._input_of, weights = overridable_proto(model)
+        self.names = frozenset(self._input_of)
+        declared = {v.name: v.type.tensor_type.shape.dim for v in self.proto.graph.input}
+        self._shapes = {name: tuple(int(d.dim_value) for d in declared[value]) for name, value in self._input_of.items()}
+        self.session = cpu_session(self.proto, threads=threads, optimization_level=optimization_level, initializers=weights)
+
+    def run(self, inputs: ModelInputs, replaced: Mapping[str, np.ndarray] | None = None,
+            batch_size: int | None = None) -> list[np.ndarray]:
+        """Every output on `inputs` (as `run_session` joins them) with the `replaced` tensors
+        (name -> values, each one of `names`) in place of the model's."""
+        feeds = {
+            self._input_of[name]: np.ascontiguousarray(values).reshape(self._shapes[name])
+            for name, values in (replaced or {}).items()
+        }
+        return run_session(self.session, inputs, batch_size=batch_size, extra_feeds=feeds)
+
+
+def calibration_inputs(data, model: Model) -> ModelInputs | None:
+    """Calibration data as the Python API takes it (see `as_model_inputs`) bound to `model`;
+    None for none, an empty array or no samples."""
+    if data is None or (isinstance(data, np.ndarray) and data.size == 0):
+        return None
+    bound = as_model_inputs(data, model)
+    return bound if len(bound) else None
 
 
 # --------------------------------------------------------------------------------------------

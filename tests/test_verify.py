@@ -207,7 +207,7 @@ def test_weights_inside_if_branches_are_fed_like_main_graph_weights(tmp_path: Pa
     inner = [t for t in model.tensors if "/" in t.name and t.is_float]
     # A branch's "w" shadows the main graph's "w": moving it out would capture the wrong value,
     # so it stays baked in (and is replaced through a session of its own).
-    assert {t.name for t in inner if t.name not in checker._feeds} == {"gate/then_branch/w"}
+    assert {t.name for t in inner if t.name not in checker._runner.names} == {"gate/then_branch/w"}
     for tensor in inner:
         changed = (tensor.array * 1.5).astype(tensor.array.dtype)
         rebuilt = replace(model, tensors=[Tensor(t.name, changed, t.role) if t.name == tensor.name else t for t in model.tensors])

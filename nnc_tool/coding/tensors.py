@@ -60,10 +60,15 @@ class TensorHeader:
         return math.prod(self.shape)
 
 
+def is_quantized(tensor: Tensor, settings: QuantSettings, quantized: Quantized | None = None) -> bool:
+    """Whether `encode_tensor` codes this tensor's quantized levels rather than its exact values."""
+    return quantized is not None or (tensor.role != TensorRole.EXACT and tensor.dtype in FLOAT_DTYPES and not settings.lossless)
+
+
 def coded_levels(tensor: Tensor, settings: QuantSettings, quantized: Quantized | None = None) -> Quantized | None:
     """The levels `encode_tensor` codes for `tensor` with `settings` (`quantized` when already
     chosen); None when the tensor is coded exactly."""
-    if quantized is None and tensor.role != TensorRole.EXACT and tensor.dtype in FLOAT_DTYPES and not settings.lossless:
+    if quantized is None and is_quantized(tensor, settings):
         quantized = quantize(tensor.array, tensor.role, settings)
     return quantized
 
@@ -75,11 +80,6 @@ def reconstruction(tensor: Tensor, quantized: Quantized | None) -> np.ndarray:
         return tensor.array
     values = dequantize(quantized.levels, quantized.steps, quantized.chain)
     return np.asarray(values.astype(numpy_dtype(tensor.dtype), copy=False)).reshape(tensor.array.shape)
-
-
-def is_quantized(tensor: Tensor, settings: QuantSettings, quantized: Quantized | None = None) -> bool:
-    """Whether `encode_tensor` codes this tensor's quantized levels rather than its exact values."""
-    return quantized is not None or (tensor.role != TensorRole.EXACT and tensor.dtype in FLOAT_DTYPES and not settings.lossless)
 
 
 def exact_coding(dtype: str) -> Coding:

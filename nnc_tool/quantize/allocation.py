@@ -59,8 +59,8 @@ import numpy as np
 from ..fileio import release_pages
 from ..graph.activation_stats import ChannelMoments, conv_input_second_moments, layer_inputs
 from ..graph.measured_stats import measure_channel_moments
-from ..graph.onnx_util import attributes, name_uses
-from ..inputs import ModelInputs, as_model_inputs, run_session
+from ..graph.onnx_util import attributes, cpu_session, name_uses
+from ..inputs import ModelInputs, ReplaceableSession, as_model_inputs, calibration_inputs, run_session
 from ..model import Model, Tensor, TensorRole
 from .bias_correction import correct_biases
 from .rdo import (
@@ -165,11 +165,12 @@ def measure_sensitivities(
     repeated with 10x smaller noise (twice), and a tensor that still breaks the model gets +inf.
     Deterministic for a given seed.
     """
-    x = _bound(calibration, model).head(sensitivity_samples(model) if samples is None else samples)
+    x = calibration_inputs(calibration, model).head(sensitivity_samples(model) if samples is None else samples)
     probe = _callback_runner(run_model) if run_model is not None else _float_outputs
-    overridable = _OverridableOnnx(model) if run_model is None and model.format == "onnx" else None
+    # One session whose tensors are replaced run by run: a probe costs a run, not a session build.
+    overridable = ReplaceableSession(model, _threads()) if run_model is None and model.format == "onnx" else None
     if overridable is not None and overridable.names:
-        reference = np.asarray(overridable.run(x), dtype=np.float64)
+        reference = np.asarray(_joined_outputs(overridable.run(x)), dtype=np.float64)
     else:
         overridable = None
         reference = np.asarray(probe(model, x), dtype=np.float64)
@@ -192,7 +193,7 @@ def measure_sensitivities(
             if nonnegative:
                 noisy = np.abs(noisy)
             if overridable is not None and tensor.name in overridable.names:
-                output = np.asarray(overridable.run(x, {tensor.name: noisy.astype(tensor.array.dtype)}), dtype=np.float64)
+                output = np.asarray(_joined_outputs(overridable.run(x, {tensor.name: noisy.astype(tensor.array.dtype)})), dtype=np.float64)
             else:
                 tensors = list(model.tensors)
                 tensors[index] = Tensor(tensor.name, noisy.astype(tensor.array.dtype), tensor.role)
@@ -398,8 +399,8 @@ def plan_quantization(
     exact = {name for name, finer in refinements.items() if finer is None}
     if exact:
         model = replace(model, tensors=[Tensor(t.name, t.array, TensorRole.EXACT) if t.name in exact else t for t in model.tensors])
-    calibration = _bound(calibration, model)
-    calibrated = calibration is not None and len(calibration) > 0
+    calibration = calibration_inputs(calibration, model)
+    calibrated = calibration is not None
     notes: list[str] = []
     if calibrated and run_model is None and model.format != "onnx":
         notes.append(f"calibration data unused: measuring a {model.format} model needs a run_model callback")
@@ -583,8 +584,7 @@ def _round_estimated(
             if np.abs(level).max(initial=0) >= EXACT_LEVELS:  # float32 could not hold level * step exactly
                 continue
             level = level.reshape(tensor.array.shape)
-            quantized = Quantized(level, step, qps)
-            chosen[tensor.name] = quantized
+            chosen[tensor.name] = Quantized(level, step, qps)
             out[position] = Tensor(tensor.name, dequantize(level, step), tensor.role)  # as the decoder rebuilds them
             rounded.append(tensor.name)
     return out, rounded
@@ -613,16 +613,6 @@ def _reconstruction(tensor: Tensor, settings: QuantSettings, chosen: dict[str, Q
 # --------------------------------------------------------------------------------------------
 
 
-def _session(proto_bytes: bytes, threads: int = 1):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(proto_bytes, options, providers=["CPUExecutionProvider"])
-
-
 def run_onnx(model: Model, x: ModelInputs | np.ndarray) -> np.ndarray:
     """First output of an ONNX `Model` on calibration inputs (onnxruntime, one thread): all samples
     in one run where they batch (see nnc_tool.inputs); `x` may be a bare array for a one-input model."""
@@ -633,7 +623,7 @@ def _onnx_outputs(model: Model, x: ModelInputs | np.ndarray) -> list[np.ndarray]
     from ..formats.onnx_format import to_proto
 
     inputs = as_model_inputs(x, model)
-    session = _session(to_proto(model).SerializeToString(), _threads())
+    session = cpu_session(to_proto(model), _threads())
     return [np.asarray(o) for o in run_session(session, inputs)]
 
 
@@ -655,46 +645,6 @@ def _callback_runner(run_model: RunModel) -> Callable[[Model, ModelInputs], np.n
         return run_model(model, x.single if x.single is not None else x)
 
     return run
-
-
-def _bound(calibration: ModelInputs | np.ndarray | None, model: Model) -> ModelInputs | None:
-    """Calibration inputs checked against the model (nnc_tool.inputs); an empty array counts as none."""
-    if calibration is None or (isinstance(calibration, np.ndarray) and calibration.size == 0):
-        return None
-    return as_model_inputs(calibration, model)
-
-
-class _OverridableOnnx:
-    """One onnxruntime session of an ONNX model whose main-graph initializers are also graph
-    inputs, so a run can replace any of them (ONNX lets graph inputs override initializers).
-
-    Probing one tensor at a time then costs one run, not one session build of the whole model.
-    `names` are the tensors that can be replaced this way (float initializers of the main graph).
-    """
-
-    def __init__(self, model: Model) -> None:
-        from onnx import helper
-
-        from ..formats.onnx_format import to_proto
-
-        proto = to_proto(model)
-        if proto.ir_version < 4:
-            self.names: frozenset[str] = frozenset()
-            return
-        declared = {i.name for i in proto.graph.input}
-        tensors = model.tensor_map()
-        names = []
-        for init in proto.graph.initializer:
-            tensor = tensors.get(init.name)
-            if tensor is None or not _quantizable(tensor) or init.name in declared:
-                continue
-            proto.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-            names.append(init.name)
-        self.names = frozenset(names)
-        self._session = _session(proto.SerializeToString(), _threads())
-
-    def run(self, x: ModelInputs, overrides: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        return _joined_outputs(run_session(self._session, x, extra_feeds=overrides))
 
 
 def _threads() -> int:
@@ -790,7 +740,7 @@ def layer_hessians(model: Model, calibration: ModelInputs | np.ndarray) -> dict[
     extra = sorted({n.input[0] for n in wanted.values()} - existing - set(graph_inputs) - set(by_name))
     for name in extra:
         proto.graph.output.append(helper.make_empty_tensor_value_info(name))
-    session = _session(proto.SerializeToString(), _threads())
+    session = cpu_session(proto, _threads())
     # Layer inputs of samples run one at a time join along their batch axis, as batched ones do.
     parts, fed = [], []
     for start, stop in inputs.ranges():
