@@ -148,15 +148,24 @@ def snr_db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
+def looks_like_logits(output: np.ndarray) -> bool:
+    """Float scores, more than one per sample, in one row per sample ([N, C], or [N, 1, ..., C]):
+    what top-1 agreement means something for (not a detector's map or a sequence of frames)."""
+    if output.ndim < 2 or not np.issubdtype(output.dtype, np.floating) or output.shape[-1] < 2:
+        return False
+    return all(d == 1 for d in output.shape[1:-1])
+
+
 def top1_agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float | None:
-    """Percent of samples whose arg-max over the last axis of the first output agrees, when that
-    output holds scores (a float array with more than one class); None otherwise."""
+    """Percent of samples whose arg-max of the first output agrees, when that output holds one
+    row of scores per sample (`looks_like_logits`, as nnc bench reads it); None otherwise."""
     if not reference:
         return None
     ref, out = np.asarray(reference[0]), np.asarray(outputs[0])
-    if ref.ndim < 2 or ref.shape[-1] < 2 or ref.dtype.kind != "f" or ref.shape != out.shape:
+    if not looks_like_logits(ref) or ref.shape != out.shape:
         return None
-    return 100.0 * float((ref.argmax(-1) == np.nan_to_num(out, nan=-np.inf).argmax(-1)).mean())
+    ref, out = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
+    return 100.0 * float((ref.argmax(1) == np.nan_to_num(out, nan=-np.inf).argmax(1)).mean())
 
 
 def predicted_snr_db(original: Model, rebuilt: dict[str, np.ndarray]) -> float:

@@ -214,3 +214,12 @@ def test_weights_inside_if_branches_are_fed_like_main_graph_weights(tmp_path: Pa
         expected = run_model(rebuilt, checker.probes)
         for got, want in zip(checker.outputs({tensor.name: changed}), expected):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_top1_agreement_reads_score_rows_only() -> None:
+    scores = np.array([[0.1, 0.9], [0.8, 0.2]], np.float32)
+    assert verify.top1_agreement([scores], [np.array([[0.2, 0.7], [0.1, 0.3]], np.float32)]) == 50.0
+    dense = np.zeros((2, 1, 8, 8), np.float32)  # a detector's probability map is not one row of scores
+    assert verify.top1_agreement([dense], [dense]) is None
+    frames = np.zeros((2, 5, 10), np.float32)  # nor is a recognizer's sequence of frames
+    assert verify.top1_agreement([frames], [frames]) is None

@@ -17,6 +17,7 @@ from ..errors import UsageError
 from ..formats import FORMATS, read_model
 from ..inputs import ModelInputs, bind_inputs, probe_inputs, read_inputs
 from ..model import Model
+from ..verify import looks_like_logits
 
 RUNNABLE_FORMATS = ("onnx", "torchscript", "torch-export")
 Feeds = dict[str, np.ndarray]
@@ -182,7 +183,7 @@ def compare_outputs(original: np.ndarray | list[np.ndarray], rebuilt: np.ndarray
     snr = float("inf") if noise == 0 else 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
     first = originals[0]
     stats = QualityStats(samples=len(first) if first.ndim else 1, output_snr_db=snr)
-    if _looks_like_logits(first):
+    if looks_like_logits(first):
         scores = first.reshape(len(first), -1)
         other = rebuilts[0].reshape(scores.shape)
         stats.top1_agreement = 100.0 * float((scores.argmax(1) == other.argmax(1)).mean())
@@ -191,13 +192,6 @@ def compare_outputs(original: np.ndarray | list[np.ndarray], rebuilt: np.ndarray
             stats.accuracy_original = 100.0 * float((scores.argmax(1) == labels).mean())
             stats.accuracy_rebuilt = 100.0 * float((other.argmax(1) == labels).mean())
     return stats
-
-
-def _looks_like_logits(output: np.ndarray) -> bool:
-    """Float scores, more than one per sample, in one row per sample ([N, C], or [N, 1, ..., C])."""
-    if output.ndim < 2 or not np.issubdtype(output.dtype, np.floating) or output.shape[-1] < 2:
-        return False
-    return all(d == 1 for d in output.shape[1:-1])
 
 
 def weight_snr_db(original: Path | Model, rebuilt_path: Path) -> float | None:
