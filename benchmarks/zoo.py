@@ -43,11 +43,12 @@ from zoo.base import ZooModel, cache_dir  # noqa: E402
 from zoo.onnx_eval import sample_count  # noqa: E402
 
 import nnc_tool  # noqa: E402
-from nnc_tool import api  # noqa: E402
+from nnc_tool import api, verify  # noqa: E402
 from nnc_tool.fileio import atomic_output  # noqa: E402
 
 DEFAULT_QPS = (-44, -38, -32, -26, -20)
 DEFAULT_QP = -38  # nnc encode's default
+DEFAULT_FLOOR_DB = verify.DEFAULT_FLOOR_DB  # what nnc encode without --qp also keeps on its probes
 
 
 def one_line(err: BaseException) -> str:
@@ -76,16 +77,20 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path, fold_batchnorm: bool = True) -> dict:
-    """Encode, decode and evaluate at one QP; any failure becomes the cell's `error`."""
+def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path, fold_batchnorm: bool = True,
+             default: bool = False) -> dict:
+    """Encode, decode and evaluate at one QP (`default`: as `nnc encode MODEL` without --qp does,
+    keeping the self-check's default floor); any failure becomes the cell's `error`."""
     cell: dict = {"qp": qp}
     stage = "encode"
     try:
-        bitstream = workdir / f"qp{qp}.nnc"
-        rebuilt = workdir / f"qp{qp}" / source.name
+        name = "default" if default else f"qp{qp}"
+        bitstream = workdir / f"{name}.nnc"
+        rebuilt = workdir / name / source.name
         rebuilt.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        report = api.encode(source, bitstream, api.EncodeOptions(qp=qp), fold_batchnorm=fold_batchnorm)
+        report = api.encode(source, bitstream, api.EncodeOptions(qp=qp), fold_batchnorm=fold_batchnorm,
+                            floor_snr_db=DEFAULT_FLOOR_DB if default else None)
         cell["encode_s"] = time.perf_counter() - started
         cell["bytes"] = report.bitstream_bytes
         cell["parameters"] = report.parameter_count
@@ -159,11 +164,13 @@ TIMING_RUNS = 3  # a sub-second encode on this shared 2-core machine varies by 1
 
 
 def encode_seconds(source: Path, qp: int, workdir: Path, verify: bool) -> float:
-    """The fastest of TIMING_RUNS encodes at `qp`, with or without the self-check."""
+    """The fastest of TIMING_RUNS encodes at `qp` as `nnc encode MODEL` runs them (self-check
+    and its default floor), or with --no-check."""
     times = []
     for _ in range(TIMING_RUNS):
         started = time.perf_counter()
-        api.encode(source, workdir / "timed.nnc", api.EncodeOptions(qp=qp), verify=verify)
+        api.encode(source, workdir / "timed.nnc", api.EncodeOptions(qp=qp), verify=verify,
+                   floor_snr_db=DEFAULT_FLOOR_DB if verify else None)
         times.append(time.perf_counter() - started)
     return min(times)
 
@@ -193,6 +200,9 @@ def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbos
             if verbose:
                 for cell in row["nncodec"]:
                     print(f"  {model.name} NNCodec QP {cell['qp']}: {format_cell(cell)}", file=sys.stderr, flush=True)
+        row["default"] = code_one(model, source, inputs, DEFAULT_QP, Path(tmp), default=True)
+        if verbose:
+            print(f"  {model.name} nnc encode MODEL: {format_cell(row['default'])}", file=sys.stderr, flush=True)
         default = next((c for c in row["results"] if c["qp"] == DEFAULT_QP and "encode_s" in c), None)
         if compare and default is not None:
             # What the self-check costs (the check runs beside the encode; its repairs are extra).
@@ -233,14 +243,15 @@ def format_cell(cell: dict) -> str:
 def format_table(rows: list[dict], qps: list[int], compare: bool = False) -> str:
     timing_qp = DEFAULT_QP if DEFAULT_QP in qps else qps[0]
     header = (["model", "exporter", "task", "params", "orig bytes", "agreement measure"]
-              + [f"QP {qp}: bytes SNR agr" for qp in qps] + [f"enc s@{timing_qp}", f"dec s@{timing_qp}"])
+              + [f"QP {qp}: bytes SNR agr" for qp in qps] + ["nnc encode MODEL (default)"]
+              + [f"enc s@{timing_qp}", f"dec s@{timing_qp}"])
     if compare:
         header += [f"self-check cost@{DEFAULT_QP}", f"--no-fold-bn@{DEFAULT_QP}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if "error" in row:
             cells = [row["name"], row.get("exporter", ""), row.get("task", ""), "", "", "",
-                     "ERROR " + row["error"]] + [""] * (len(qps) + 1 + 2 * compare)
+                     "ERROR " + row["error"]] + [""] * (len(qps) + 2 + 2 * compare)
         else:
             by_qp = {c["qp"]: c for c in row["results"]}
             timing = by_qp.get(timing_qp, {})
@@ -248,12 +259,13 @@ def format_table(rows: list[dict], qps: list[int], compare: bool = False) -> str
                      f"{row['parameters'] / 1e6:.2f}M" if "parameters" in row else "?",
                      human_bytes(row["original_bytes"]), row.get("measure") or "?"]
             cells += [format_cell(by_qp[qp]) for qp in qps]
+            cells.append(format_cell(row.get("default", {})))
             cells += [f"{timing['encode_s']:.2f}" if "encode_s" in timing else "-",
                       f"{timing['decode_s']:.2f}" if "decode_s" in timing else "-"]
             if compare:
                 unchecked, checked = row.get("unchecked_encode_s"), row.get("checked_encode_s")
                 cost = f"{100 * (checked - unchecked) / unchecked:+.0f}%" if unchecked and checked else "-"
-                check = timing.get("check") or {}
+                check = row.get("default", {}).get("check") or {}
                 repaired = f", {check['refined']} refined" if check.get("refined") else ""
                 cells += [cost + repaired, format_cell(row["no_fold"]) if "no_fold" in row else "no BN"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -342,6 +342,7 @@ def encode(
     verify: bool = True,
     min_snr_db: float | None = None,
     drop_optimizer_state: bool = False,
+    floor_snr_db: float | None = None,
 ) -> EncodeReport:
     """Compress a model file into an nnc bitstream written atomically to `output_path`.
 
@@ -350,7 +351,10 @@ def encode(
     whose outputs are non-finite, collapse far below what its steps predict, or fall below
     `min_snr_db` has the tensors responsible coded finer or exactly and is checked again
     (nnc_tool/verify.py). An unmet `min_snr_db` or outputs still non-finite raise CheckError and
-    nothing is written. ONNX models only (others report the check as not run); the report's
+    nothing is written. `floor_snr_db` is a fidelity the repair works toward the same way but
+    that only warns when it cannot be reached: what `nnc encode` without --qp/--bits/a rate
+    target asks for (verify.DEFAULT_FLOOR_DB); ignored under rate control, which chose the QP for
+    its own target. ONNX models only (others report the check as not run); the report's
     `check` says what was measured and changed.
 
     `drop_optimizer_state` keeps only the model part of a training checkpoint (torch.save of a
@@ -398,6 +402,7 @@ def encode(
     if target is not None:
         rate_report = _control_rate(model, model_path, options, target, original_bytes, calibration, evaluation, plan_cache, moments)
         options = replace(options, qp=rate_report.chosen_qp)
+        floor_snr_db = None
     unchecked = None if options.lossless else _why_unchecked(model)
     checking = verify and not options.lossless and unchecked is None
     if min_snr_db is not None and not checking:
@@ -429,7 +434,7 @@ def encode(
                 else:
                     summary, check_report = _checked(
                         ready, sink, rebuilt, summary, options, original_bytes, calibration, plan_cache,
-                        moments, min_snr_db, model_path,
+                        moments, min_snr_db, model_path, floor_snr_db,
                     )
     return EncodeReport(
         input=str(model_path),
@@ -494,6 +499,7 @@ def _checked(
     moments: dict[str, ChannelMoments],
     min_snr_db: float | None,
     model_path: Path,
+    floor_snr_db: float | None = None,
 ) -> tuple[StreamSummary, CheckReport]:
     """The self-check of what was just written, re-coding into `sink` while the repair asks for it."""
     started = time.perf_counter()
@@ -510,7 +516,7 @@ def _checked(
         )
         return again
 
-    result, chosen, rounds = repair(checker, recode, rebuilt, min_snr_db)
+    result, chosen, rounds = repair(checker, recode, rebuilt, min_snr_db, floor_snr_db)
     rebuilt.clear()
     report = CheckReport(
         probes=checker.source,
@@ -522,6 +528,7 @@ def _checked(
         seconds=time.perf_counter() - started,
         refined=describe_refinements(chosen),
         rounds=rounds,
+        shortfall=None if result.passed else result.reason(),
     )
     # A demanded SNR is a contract; a collapse the repair could not fully undo is written (it is far
     # better than before the repair, and the report says how far it stays below the prediction)

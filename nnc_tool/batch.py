@@ -99,12 +99,14 @@ def encode_one(
     drop_optimizer_state: bool = False,
     verify: bool = True,
     min_snr_db: float | None = None,
+    floor_snr_db: float | None = None,
 ) -> Outcome:
     """Encode one file; every failure but an interrupt becomes the Outcome's error text."""
     try:
         report = api.encode(model_path, output_path, options, pruning=pruning, fold_batchnorm=fold_batchnorm,
                             calibration=calibration, progress=progress, target=target, evaluation=evaluation,
-                            drop_optimizer_state=drop_optimizer_state, verify=verify, min_snr_db=min_snr_db)
+                            drop_optimizer_state=drop_optimizer_state, verify=verify, min_snr_db=min_snr_db,
+                            floor_snr_db=floor_snr_db)
     except NncError as err:
         # Name the model first when the error is about another file (e.g. calibration data that
         # does not fit this model's inputs): in a batch it tells which model failed.
@@ -138,6 +140,7 @@ def encode_many(
     drop_optimizer_state: bool = False,
     verify: bool = True,
     min_snr_db: float | None = None,
+    floor_snr_db: float | None = None,
 ) -> BatchResult:
     """Encode every input to OUTDIR/<stem>.nnc, `jobs` at a time in worker processes.
 
@@ -153,7 +156,7 @@ def encode_many(
     # The progress slot stays empty: a worker's progress cannot reach this process.
     arguments = [
         (i, o, options, pruning, fold_batchnorm, calibration, None, target, evaluation, drop_optimizer_state, verify,
-         min_snr_db)
+         min_snr_db, floor_snr_db)
         for i, o in zip(inputs, outputs)
     ]
     results: dict[int, Outcome] = {}

@@ -88,7 +88,9 @@ def handle_errors(command):
 def quantization_options(command):
     options = [
         click.option("--qp", type=click.IntRange(-256, 255), default=-38, show_default=True,
-                     help="Weight QP; the step is 2^(QP/4) (NNCodec's convention)."),
+                     help="Weight QP; the step is 2^(QP/4) (NNCodec's convention). encode without --qp, --bits or a"
+                          " rate target also keeps 35 dB output SNR on the self-check's probes, coding finer where"
+                          " they need it."),
         click.option("--nonweight-qp", type=click.IntRange(-256, 255), default=None,
                      help="QP of 1-D tensors (biases, norm parameters); default: 16 below --qp."),
         click.option("--bits", type=click.IntRange(2, 31), default=None,
@@ -315,7 +317,8 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
     pruning = _pruning(calibration=calibration, **prune_options)
     if no_check and min_snr is not None:
         raise UsageError(None, "--min-snr is measured by the self-check: it does not combine with --no-check")
-    check = {"verify": not no_check, "min_snr_db": min_snr}
+    check = {"verify": not no_check, "min_snr_db": min_snr, "floor_snr_db": _default_floor(qp_given=_given("qp"),
+                                                                                       bits=bits, target=target)}
     if output_dir is not None:
         _encode_batch(models, output_dir, jobs, settings, pruning, not no_fold_bn, calibration, as_json, quiet, verbose,
                       target, evaluation, drop_optimizer_state, check)
@@ -412,6 +415,18 @@ def _echo_encode_details(report: api.EncodeReport, echo=click.echo, verbose: boo
             echo(f"  {t.name:<40} {t.role:<9} {str(list(t.shape)):<18} {step:<14} {t.coded_bytes:>10} B{_reason(t)}")
 
 
+def _given(parameter: str) -> bool:
+    """Whether the user set this option (on the command line or through the environment)."""
+    source = click.get_current_context().get_parameter_source(parameter)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def _default_floor(qp_given: bool, bits: int | None, target) -> float | None:
+    """The fidelity a plain `nnc encode MODEL` keeps (verify.DEFAULT_FLOOR_DB): a --qp, --bits or
+    rate target the user chose is what they get (the check still repairs collapses)."""
+    return None if qp_given or bits is not None or target is not None else verify.DEFAULT_FLOOR_DB
+
+
 def _reason(tensor: api.TensorReport) -> str:
     """The tensor's role reason as the listings end their row with it."""
     return f"  [{tensor.reason}]" if tensor.reason else ""
@@ -426,8 +441,8 @@ def _check_lines(check, verbose: bool) -> list[str]:
     lines = [f"self-check: output SNR {check.output_snr_db:.1f} dB on {check.samples} {check.probes} inputs"
              f" (steps predict {check.predicted_snr_db:.1f} dB){agreement}"]
     if not check.passed:
-        lines.append(f"self-check: warning: {check.output_snr_db:.1f} dB stays more than {verify.COLLAPSE_MARGIN_DB:g} dB"
-                     " below what the steps predict after the repair; a finer --qp or --calib may help")
+        lines.append(f"self-check: warning: after the repair, {check.shortfall or 'the check still fails'};"
+                     " a finer --qp or --calib may help")
     if check.refined:
         lines.append(f"self-check: {len(check.refined)} tensor(s) coded finer in {check.rounds} re-encode(s) to keep the outputs")
         shown = check.refined if verbose else check.refined[:5]

@@ -534,7 +534,7 @@ def _choose_dimensions(model: Model, signature: list[InputSpec], plans, implied:
         quiet.log_severity_level = 4  # a size that does not fit is expected here, not an error to print
     except Exception:  # a model onnxruntime cannot load: the caller's run will say why
         return rows[0]
-    for row in rows:
+    def trial_feeds(row: dict, fill) -> dict[str, np.ndarray]:
         feeds = {}
         for spec, plan in zip(signature, plans):
             shape = tuple(row.get(key, value) if key is not None else value for key, value in plan)
@@ -543,15 +543,33 @@ def _choose_dimensions(model: Model, signature: list[InputSpec], plans, implied:
                 feeds[spec.name] = _probe_values(spec, (1, *shape) if not shape else shape, facts, np.random.default_rng(0)).reshape(shape)
             elif spec.dtype.kind != "f":
                 feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+            elif fill is not None and not (_STATE_NAMES.search(spec.name) or (facts is not None and facts.recurrent_state(spec.name))):
+                feeds[spec.name] = fill(shape, spec.dtype)
             else:
                 feeds[spec.name] = np.full(shape, 0.1, spec.dtype)
+        return feeds
+
+    noise_source = np.random.default_rng(1)
+    noise = lambda shape, dtype: noise_source.standard_normal(shape).astype(dtype)  # noqa: E731
+    first_fit = None
+    for row in rows:
         try:
-            outputs = session.run(None, feeds, quiet)
+            outputs = session.run(None, trial_feeds(row, None), quiet)
         except Exception:  # this size does not fit the graph: try the next
             continue
-        if all(_fits(np.asarray(o), meta.shape, batch_names) for o, meta in zip(outputs, session.get_outputs())):
+        if not all(_fits(np.asarray(o), meta.shape, batch_names) for o, meta in zip(outputs, session.get_outputs())):
+            continue
+        if first_fit is None:
+            first_fit = row
+        # A size on which the outputs do not depend on the inputs runs but says nothing: silero
+        # takes a 256-sample chunk and answers the same for any noise (its STFT needs 512).
+        try:
+            outputs, other = (session.run(None, trial_feeds(row, noise), quiet) for _ in range(2))
+        except Exception:
+            continue
+        if any(np.asarray(a).shape != np.asarray(b).shape or not np.array_equal(a, b) for a, b in zip(outputs, other)):
             return row
-    return rows[0]
+    return first_fit if first_fit is not None else rows[0]
 
 
 def _fits(output: np.ndarray, declared, batch_names: set[str]) -> bool:

@@ -332,3 +332,24 @@ def test_calibration_with_stacked_samples_runs_one_sample_at_a_time(models, tmp_
     # at the finer non-weight step (formats/onnx_roles.py: tiny weights are NONWEIGHT), without GPTQ.
     assert mode == "fast" or report["feedback_layers"] == 1
     assert _snr(models["vad"], output, load_inputs(data, read_model(models["vad"]))) > 20.0
+
+
+def test_probe_skips_a_length_on_which_the_outputs_ignore_the_inputs(tmp_path) -> None:
+    # y = sum(x[:, 256:512]): shorter inputs run (the slice is empty) but say nothing, as silero's
+    # STFT answers the same for any 256-sample chunk.
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", ["x", "start", "stop", "axis"], ["window"]),
+            helper.make_node("ReduceSum", ["window"], ["y"], keepdims=1),
+        ],
+        "window",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+        [
+            numpy_helper.from_array(np.array([256], np.int64), "start"),
+            numpy_helper.from_array(np.array([512], np.int64), "stop"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis"),
+        ],
+    )
+    probe = probe_inputs(read_model(_save(graph, tmp_path / "window.onnx")), samples=2)
+    assert probe.arrays["x"].shape[-1] == 512  # 16 ... 256 run too, with an output that is always 0

@@ -223,3 +223,40 @@ def test_top1_agreement_reads_score_rows_only() -> None:
     assert verify.top1_agreement([dense], [dense]) is None
     frames = np.zeros((2, 5, 10), np.float32)  # nor is a recognizer's sequence of frames
     assert verify.top1_agreement([frames], [frames]) is None
+
+
+def test_uniform_refinements_bring_the_total_noise_under_the_allowance() -> None:
+    chosen = verify.uniform_refinements(["a", "b", "c"], noise=16.0, allowed_noise=1.0, previous={"b": 4, "c": None})
+    # noise ~ 2^(QP/2): a factor 16 takes 8 QP, plus one of margin, on top of what each had.
+    assert chosen == {"a": 9, "b": 13, "c": None}
+    assert verify.uniform_refinements(["a"], noise=2.0, allowed_noise=1.0, previous={"a": 30}) == {"a": None}
+
+
+def test_noise_spread_over_every_tensor_is_met_by_coding_all_of_them_finer(samples_dir: Path, monkeypatch) -> None:
+    plain = api.encode(samples_dir / "mlp.onnx", None)
+    monkeypatch.setattr(verify, "HARMLESS_SHARE", 10.0)  # no tensor alone is ever a culprit
+    demand = plain.check.output_snr_db + 6.0
+    report = api.encode(samples_dir / "mlp.onnx", None, min_snr_db=demand)
+    assert report.check.output_snr_db >= demand
+    coded = [t.name for t in plain.tensors if t.step is not None]
+    assert {line.split(":")[0] for line in report.check.refined} == set(coded)
+
+
+def test_plain_encode_keeps_the_default_floor_and_an_explicit_qp_is_what_it_says(
+    tmp_path: Path, samples_dir: Path, monkeypatch
+) -> None:
+    plain = api.encode(samples_dir / "mlp.onnx", tmp_path / "api.nnc")
+    floor = plain.check.output_snr_db + 6.0
+    monkeypatch.setattr(verify, "DEFAULT_FLOOR_DB", floor)
+    runner = CliRunner()
+    default = runner.invoke(main, ["encode", str(samples_dir / "mlp.onnx"), "-o", str(tmp_path / "d.nnc"), "--json"])
+    check = json.loads(default.output)["check"]
+    assert default.exit_code == 0 and check["refined"] and check["output_snr_db"] >= floor
+    explicit = runner.invoke(main, ["encode", str(samples_dir / "mlp.onnx"), "-o", str(tmp_path / "q.nnc"), "--qp", "-38"])
+    assert explicit.exit_code == 0
+    assert (tmp_path / "q.nnc").read_bytes() == (tmp_path / "api.nnc").read_bytes()
+    # A floor the repair cannot reach is a warning, not a failure.
+    monkeypatch.setattr(verify, "DEFAULT_FLOOR_DB", 500.0)
+    monkeypatch.setattr(verify, "MAX_REPAIR_ROUNDS", 0)
+    unreachable = runner.invoke(main, ["encode", str(samples_dir / "mlp.onnx"), "-o", str(tmp_path / "u.nnc")])
+    assert unreachable.exit_code == 0 and "warning" in unreachable.output and "500 dB" in unreachable.output
