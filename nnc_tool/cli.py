@@ -89,7 +89,7 @@ def quantization_options(command):
     options = [
         click.option("--qp", type=click.IntRange(-256, 255), default=-38, show_default=True,
                      help="Weight QP; the step is 2^(QP/4) (NNCodec's convention). encode without --qp, --bits or a"
-                          " rate target also keeps 35 dB output SNR on the self-check's probes, coding finer where"
+                          " rate target also keeps 40 dB output SNR on the self-check's probes, coding finer where"
                           " they need it."),
         click.option("--nonweight-qp", type=click.IntRange(-256, 255), default=None,
                      help="QP of 1-D tensors (biases, norm parameters); default: 16 below --qp."),

@@ -18,7 +18,8 @@ class TensorRole(enum.IntEnum):
     """How a tensor may be coded.
 
     WEIGHT: a learned multi-dimensional parameter (conv kernel, matrix) - lossy with the weight step.
-    NONWEIGHT: a learned 1-D parameter (bias, norm scale, running stats) - lossy with the finer step.
+    NONWEIGHT: a learned 1-D parameter (bias, norm scale, running stats), or a filterbank whose
+    output becomes a magnitude (an STFT basis as a Conv) - lossy with the finer step.
     EXACT: anything whose value steers shapes or control flow, integer data, small constants
     (epsilons, 1/N, temperatures), or data we cannot prove is a learned parameter - always coded
     losslessly.

@@ -351,3 +351,144 @@ def test_branch_outputs_lead_to_the_if_outputs_and_graph_outputs_stay_exact(tmp_
     assert decisions["pick/else_branch/b.w"] == (W, "weight: If -> MatMul B")
     assert decisions["shown.w"] == (E, "exact: graph output")
     assert decisions["divisor"] == (E, "exact: feeds Div denominator")
+
+
+FRAME, BANDS = 64, 16
+
+
+def _dft_basis() -> np.ndarray:
+    """[2 * BANDS, 1, FRAME]: Hann-windowed cosines, then sines, as an STFT is exported as a Conv."""
+    t = np.arange(FRAME)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * t / FRAME)
+    bins = np.arange(BANDS)[:, None]
+    real, imag = window * np.cos(2 * np.pi * bins * t / FRAME), -window * np.sin(2 * np.pi * bins * t / FRAME)
+    return np.concatenate([real, imag])[:, None, :].astype(np.float32)
+
+
+def build_stft_front_end(directory: Path) -> Path:
+    """audio [1, 1, L] -> Conv(stft.basis, stride FRAME/2) -> Slice re / im -> Pow 2 -> Add -> Sqrt
+    -> Add floor -> Log -> Conv(enc.w, enc.b) -> Relu -> ReduceMean over time -> y [1, 8]: an
+    STFT front end as silero-vad and basic-pitch export it, with a log-magnitude spectrogram."""
+    rng = np.random.default_rng(14)
+    inits = [
+        numpy_helper.from_array(_dft_basis(), "stft.basis"),
+        numpy_helper.from_array((rng.standard_normal((8, BANDS, 3)) * 0.2).astype(np.float32), "enc.w"),
+        numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "enc.b"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(1e-4, np.float32), "floor"),
+        numpy_helper.from_array(np.array([0], np.int64), "s0"),
+        numpy_helper.from_array(np.array([BANDS], np.int64), "sb"),
+        numpy_helper.from_array(np.array([2 * BANDS], np.int64), "s2b"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["audio", "stft.basis"], ["spec"], strides=[FRAME // 2]),
+        helper.make_node("Slice", ["spec", "s0", "sb", "axis1"], ["re"]),
+        helper.make_node("Slice", ["spec", "sb", "s2b", "axis1"], ["im"]),
+        helper.make_node("Pow", ["re", "two"], ["re2"]),
+        helper.make_node("Pow", ["im", "two"], ["im2"]),
+        helper.make_node("Add", ["re2", "im2"], ["power"]),
+        helper.make_node("Sqrt", ["power"], ["magnitude"]),
+        helper.make_node("Add", ["magnitude", "floor"], ["floored"]),
+        helper.make_node("Log", ["floored"], ["log.magnitude"]),
+        helper.make_node("Conv", ["log.magnitude", "enc.w", "enc.b"], ["enc"], pads=[1, 1]),
+        helper.make_node("Relu", ["enc"], ["act"]),
+        helper.make_node("ReduceMean", ["act", "axis2"], ["pooled"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "stft_front_end",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, 1, 32 * FRAME])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [1, 8])],
+        inits,
+    )
+    return _save(graph, directory, "stft.onnx")
+
+
+def build_l2_normalised_embedding(directory: Path) -> Path:
+    """y = e / Sqrt(ReduceSum(e * e) + eps) with e = x @ proj.w: a normalisation, not a magnitude."""
+    rng = np.random.default_rng(15)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 8)) * 0.3).astype(np.float32), "proj.w"),
+        numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        numpy_helper.from_array(np.array(1e-12, np.float32), "eps"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "proj.w"], ["e"]),
+        helper.make_node("Mul", ["e", "e"], ["e2"]),
+        helper.make_node("ReduceSum", ["e2", "last"], ["sum"], keepdims=1),
+        helper.make_node("Add", ["sum", "eps"], ["sum.eps"]),
+        helper.make_node("Sqrt", ["sum.eps"], ["norm"]),
+        helper.make_node("Div", ["e", "norm"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "l2_embedding",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        inits,
+    )
+    return _save(graph, directory, "l2.onnx")
+
+
+def _coloured_audio(seconds_frames: int) -> np.ndarray:
+    """Harmonics of 2 pitches in the lower bands over a -60 dB noise floor: loud low bands and
+    quiet high ones, the spectral range that makes a filterbank's rounding error audible."""
+    rng = np.random.default_rng(3)
+    t = np.arange(seconds_frames)
+    audio = sum(np.sin(2 * np.pi * f * k * t / FRAME + rng.uniform(0, 6)) / k**2
+                for f in (1.3, 2.1) for k in range(1, 4))
+    return (audio + 1e-3 * rng.standard_normal(t.shape)).astype(np.float32)[None, None, :]
+
+
+def test_a_filterbank_feeding_a_magnitude_takes_the_fine_step(tmp_path: Path) -> None:
+    path = build_stft_front_end(tmp_path)
+    decisions = _decisions(path)
+    assert decisions["stft.basis"] == (N, "nonweight: Conv W, a filterbank whose output reaches Sqrt")
+    assert decisions["enc.w"] == (W, "weight: Conv W")  # reads the magnitude, is not a filterbank
+    assert decisions["two"] == (E, "exact: feeds Pow exponent")
+
+    model = onnx_format.read(path)
+    data, reports = api.compress_model(model, api.EncodeOptions(qp=-38))
+    steps = {r.name: r.step for r in reports}
+    assert steps["stft.basis"] < steps["enc.w"] / 8  # the non-weight QP, 16 finer than -38
+    out = tmp_path / "decoded.onnx"
+    onnx_format.write(api.decompress_model(data), out)
+    feeds = {"audio": _coloured_audio(32 * FRAME)}
+    (expected,), (got,) = _run(path, feeds), _run(out, feeds)
+    snr = 10 * np.log10(np.sum(expected**2) / np.sum((got - expected) ** 2))
+    assert snr > 45.0, snr
+
+
+def build_projection_then_layernorm(directory: Path) -> Path:
+    """h = x @ proj.w + proj.b, then h's LayerNorm op by op (its Pow and Sqrt come after a mean)."""
+    rng = np.random.default_rng(16)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 8)) * 0.3).astype(np.float32), "proj.w"),
+        numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "proj.b"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "proj.w"], ["m"]),
+        helper.make_node("Add", ["m", "proj.b"], ["h"]),
+        helper.make_node("ReduceMean", ["h", "axes"], ["mean"]),
+        helper.make_node("Sub", ["h", "mean"], ["centred"]),
+        helper.make_node("Pow", ["centred", "two"], ["squared"]),
+        helper.make_node("ReduceMean", ["squared", "axes"], ["var"]),
+        helper.make_node("Add", ["var", "eps"], ["var.eps"]),
+        helper.make_node("Sqrt", ["var.eps"], ["std"]),
+        helper.make_node("Div", ["centred", "std"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "projection_layernorm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        inits,
+    )
+    return _save(graph, directory, "projection_layernorm.onnx")
+
+
+def test_a_layer_before_a_layernorm_or_an_l2_normalisation_is_no_filterbank(tmp_path: Path) -> None:
+    assert _decisions(build_l2_normalised_embedding(tmp_path))["proj.w"] == (W, "weight: MatMul B")
+    assert _decisions(build_projection_then_layernorm(tmp_path))["proj.w"] == (W, "weight: MatMul B")
