@@ -16,7 +16,8 @@ sys.path.insert(0, str(BENCHMARKS))
 import zoo.models  # noqa: E402
 from zoo.models.magika import features  # noqa: E402
 from zoo.models.ppocr_rec import ctc_greedy  # noqa: E402
-from zoo.onnx_eval import batch_feed, mask_iou, snr_db, top1_agreement  # noqa: E402
+from zoo.embedding_fidelity import embedding_fidelity  # noqa: E402
+from zoo.onnx_eval import batch_feed, largest_flip_margin, mask_iou, snr_db, top1_agreement  # noqa: E402
 
 
 def _runner():
@@ -62,6 +63,22 @@ def test_measures_have_exact_values():
     assert mask_iou(np.zeros(4, bool), np.zeros(4, bool)) == 100.0
     assert mask_iou(np.array([1, 1, 0, 0], bool), np.array([0, 1, 1, 0], bool)) == pytest.approx(100 / 3)
     assert top1_agreement(np.array([[0, 1], [1, 0]]), np.array([[0, 1], [0, 1]])) == 50.0
+    scores = np.array([[0.1, 0.5, 0.4], [0.8, 0.1, 0.1], [0.3, 0.3, 0.4]])
+    flipped = np.array([[0.1, 0.4, 0.5], [0.8, 0.1, 0.1], [0.5, 0.3, 0.2]])  # rows 0 and 2 change
+    assert largest_flip_margin(scores, flipped) == pytest.approx(0.1)
+    assert largest_flip_margin(scores, scores) == 0.0
+
+
+def test_embedding_fidelity_says_how_near_a_tie_a_changed_neighbour_was():
+    original = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    rebuilt = original.copy()
+    # Row 0 turns towards rows 1 and 2, whose neighbours (each other, cosine 0.96) become row 0:
+    # in the original, row 0 was 0.8 from row 1 and 0.6 from row 2.
+    rebuilt[0] = [0.75, 0.66]
+    fidelity = embedding_fidelity(original, rebuilt)
+    assert fidelity.agreement == 50.0
+    assert fidelity.extra["largest_flip_gap"] == pytest.approx(0.96 - 0.6)
+    assert embedding_fidelity(original, original).extra["largest_flip_gap"] == 0.0
 
 
 MEMBER = '''

@@ -94,6 +94,16 @@ def top1_agreement(reference: np.ndarray, test: np.ndarray) -> float:
     return 100.0 * float(np.mean(np.argmax(reference, axis=-1) == np.argmax(test, axis=-1)))
 
 
+def largest_flip_margin(reference: np.ndarray, test: np.ndarray) -> float:
+    """Over the samples whose top-1 changed, the largest margin the original had between its top
+    two scores (how far from a tie a changed decision was); 0 when none changed."""
+    flipped = np.argmax(reference, axis=-1) != np.argmax(test, axis=-1)
+    if not flipped.any():
+        return 0.0
+    top2 = np.sort(reference[flipped], axis=-1)[..., -2:]
+    return float(np.max(top2[..., 1] - top2[..., 0]))
+
+
 def mask_iou(reference: np.ndarray, test: np.ndarray) -> float:
     """Intersection over union of two boolean masks, x 100 (100 when both are empty)."""
     union = np.count_nonzero(reference | test)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..base import Fidelity, Inputs, ZooModel, fetch_wheel_member
-from ..onnx_eval import run, run_original, snr_db, top1_agreement
+from ..onnx_eval import largest_flip_margin, run, run_original, snr_db, top1_agreement
 
 PACKAGE, VERSION = "magika", "1.0.3"
 MEMBER = "magika/models/standard_v3_3/model.onnx"
@@ -88,7 +88,8 @@ def evaluate(original: Path, rebuilt: Path, inputs: Inputs) -> Fidelity:
     ref = run_original(original, inputs, batch=64)["target_label"]
     test = run(rebuilt, inputs, batch=64)["target_label"]
     return Fidelity(snr_db(ref, test), top1_agreement(ref, test), "top-1",
-                    {"distinct_labels": float(len(np.unique(np.argmax(ref, axis=-1))))})
+                    {"distinct_labels": float(len(np.unique(np.argmax(ref, axis=-1)))),
+                     "largest_flip_margin": largest_flip_margin(ref, test)})
 
 
 MODEL = ZooModel(

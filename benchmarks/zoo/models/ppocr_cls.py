@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..base import Fidelity, Inputs, ZooModel, fetch_wheel_member
-from ..onnx_eval import run, run_original, snr_db, top1_agreement
+from ..onnx_eval import largest_flip_margin, run, run_original, snr_db, top1_agreement
 from ..synth import rapidocr_line, text_line
 
 PACKAGE, VERSION = "rapidocr-onnxruntime", "1.4.4"
@@ -33,7 +33,7 @@ def make_inputs(model_path: Path, samples: int) -> Inputs:
 def evaluate(original: Path, rebuilt: Path, inputs: Inputs) -> Fidelity:
     ref = run_original(original, inputs, batch=16)[OUTPUT]
     test = run(rebuilt, inputs, batch=16)[OUTPUT]
-    return Fidelity(snr_db(ref, test), top1_agreement(ref, test), "top-1")
+    return Fidelity(snr_db(ref, test), top1_agreement(ref, test), "top-1", {"largest_flip_margin": largest_flip_margin(ref, test)})
 
 
 MODEL = ZooModel(
