@@ -61,7 +61,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from ..model import FLOAT_DTYPES, TensorRole
 
@@ -483,20 +483,11 @@ class _Analysis:
     def _divisor(self, node: GraphNode) -> bool:
         """Whether the result of `node` is what something is divided by (a Div denominator or a
         Reciprocal, through views, an epsilon Add, Max or Clip)."""
-        stack = [k for k in node.outputs if k is not None]
-        seen = set(stack)
-        while stack:
-            value = stack.pop()
-            for index, slot in self.uses.get(value, ()):
-                user = self.graph.nodes[index]
-                if (user.op == "Div" and slot == 1) or user.op == "Reciprocal":
-                    return True
-                if user.op in _DIVISOR_PASS:
-                    for out in user.outputs:
-                        if out is not None and out not in seen:
-                            seen.add(out)
-                            stack.append(out)
-        return False
+        return self._downstream(
+            node,
+            found=lambda user, slot: (user.op == "Div" and slot == 1) or user.op == "Reciprocal",
+            through=lambda user, slot: user.op in _DIVISOR_PASS,
+        ) is not None
 
     def _is_view_input(self, node: GraphNode, slot: int) -> bool:
         if not node.standard or node.op not in VIEW_OPS:
@@ -568,17 +559,32 @@ class _Analysis:
     def sensitive_after(self, node_index: int) -> str | None:
         """The sensitive op the result of an elementwise node feeds right away, if any."""
         node = self.graph.nodes[node_index]
+        user = self._downstream(
+            node,
+            found=lambda user, slot: user.standard and _in_slots(SENSITIVE_SLOTS, user.op, slot),
+            through=lambda user, slot: user.standard and user.op in _SENSITIVE_PASS and (user.op == "Concat" or slot == 0),
+        )
+        if user is None:
+            return None
+        return f"{node.op} -> {user.op}" + (" denominator" if user.op == "Div" else "")
+
+    def _downstream(
+        self,
+        node: GraphNode,
+        found: Callable[[GraphNode, int], bool],
+        through: Callable[[GraphNode, int], bool],
+    ) -> GraphNode | None:
+        """The first node reading the result of `node` (depth first, through the nodes `through`
+        accepts) at an input that `found` accepts."""
         stack = [k for k in node.outputs if k is not None]
         seen = set(stack)
         while stack:
             value = stack.pop()
             for index, slot in self.uses.get(value, ()):
                 user = self.graph.nodes[index]
-                if not user.standard:
-                    continue
-                if _in_slots(SENSITIVE_SLOTS, user.op, slot):
-                    return f"{node.op} -> {user.op}" + (" denominator" if user.op == "Div" else "")
-                if user.op in _SENSITIVE_PASS and (user.op == "Concat" or slot == 0):
+                if found(user, slot):
+                    return user
+                if through(user, slot):
                     for out in user.outputs:
                         if out is not None and out not in seen:
                             seen.add(out)
