@@ -36,8 +36,8 @@ def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
 
 
-def detections(outputs: dict[str, np.ndarray], image: int) -> list[tuple[int, np.ndarray]]:
-    """(class, box) pairs of one image as rapid_layout's PPPostProcess finds them."""
+def detections(outputs: dict[str, np.ndarray], image: int) -> list[tuple[int, np.ndarray, float]]:
+    """(class, box, score) of one image's detections as rapid_layout's PPPostProcess finds them."""
     boxes, scores = [], []
     for stride, score_name, box_name in zip(STRIDES, SCORES, BOXES):
         score, dist = outputs[score_name][image], outputs[box_name][image]
@@ -58,34 +58,41 @@ def detections(outputs: dict[str, np.ndarray], image: int) -> list[tuple[int, np
         order = np.argsort(probs)[::-1]
         while len(order):
             best = order[0]
-            found.append((cls, candidates[best]))
+            found.append((cls, candidates[best], float(probs[best])))
             order = order[1:][iou(candidates[best], candidates[order[1:]]) <= NMS_IOU]
     return found
 
 
-def detection_f1(ref: list[tuple[int, np.ndarray]], test: list[tuple[int, np.ndarray]]) -> tuple[int, int, int]:
-    """(matched, reference count, test count): greedy one-to-one matches, same class, IoU >= 0.5."""
+def detection_f1(ref: list[tuple[int, np.ndarray, float]], test: list[tuple[int, np.ndarray, float]]
+                 ) -> tuple[int, int, int, float]:
+    """(matched, reference count, test count, largest margin): greedy one-to-one matches, same
+    class, IoU >= 0.5; the margin is the largest |score - CONF| of a detection left unmatched on
+    either side (near 0: it crossed the score threshold, a tie rather than a changed detection)."""
     used = np.zeros(len(test), bool)
-    matched = 0
-    for cls, box in ref:
-        candidates = [j for j, (c, _) in enumerate(test) if c == cls and not used[j]]
+    matched, margin = 0, 0.0
+    for cls, box, score in ref:
+        candidates = [j for j, (c, _, _) in enumerate(test) if c == cls and not used[j]]
         if candidates:
             overlaps = iou(box, np.stack([test[j][1] for j in candidates]))
             if overlaps.max() >= MATCH_IOU:
                 used[candidates[int(np.argmax(overlaps))]] = True
                 matched += 1
-    return matched, len(ref), len(test)
+                continue
+        margin = max(margin, abs(score - CONF))
+    for j in np.nonzero(~used)[0]:
+        margin = max(margin, abs(test[j][2] - CONF))
+    return matched, len(ref), len(test), margin
 
 
 def evaluate(original: Path, rebuilt: Path, inputs: Inputs) -> Fidelity:
     ref = run_original(original, inputs, batch=1)
     test = run(rebuilt, inputs, batch=1)
     counts = np.array([detection_f1(detections(ref, i), detections(test, i)) for i in range(len(inputs["image"]))])
-    matched, n_ref, n_test = counts.sum(axis=0)
+    matched, n_ref, n_test = counts[:, :3].sum(axis=0)
     f1 = 100.0 if n_ref + n_test == 0 else 200.0 * matched / (n_ref + n_test)
     names = SCORES + BOXES
     return Fidelity(snr_db([ref[n] for n in names], [test[n] for n in names]), float(f1), "detection F1@0.5",
-                    {"detections": float(n_ref)})
+                    {"detections": float(n_ref), "largest_flip_margin": float(counts[:, 3].max())})
 
 
 MODEL = ZooModel(
