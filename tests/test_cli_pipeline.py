@@ -549,7 +549,14 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def nnc_process(*args: str | Path, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "nnc_tool.cli", *map(str, args)], cwd=ROOT, env=env, **popen)
+    # As a terminal starts it: a test run launched in the background (`cmd &` in a script) ignores
+    # SIGINT, the child would inherit that, and Python then never raises KeyboardInterrupt.
+    return subprocess.Popen([sys.executable, "-m", "nnc_tool.cli", *map(str, args)], cwd=ROOT, env=env,
+                            preexec_fn=_default_sigint, **popen)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def resident_mb(pid: int) -> float:
