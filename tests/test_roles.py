@@ -492,3 +492,46 @@ def build_projection_then_layernorm(directory: Path) -> Path:
 def test_a_layer_before_a_layernorm_or_an_l2_normalisation_is_no_filterbank(tmp_path: Path) -> None:
     assert _decisions(build_l2_normalised_embedding(tmp_path))["proj.w"] == (W, "weight: MatMul B")
     assert _decisions(build_projection_then_layernorm(tmp_path))["proj.w"] == (W, "weight: MatMul B")
+
+
+def build_log_mel_front_end(directory: Path) -> Path:
+    """log(|STFT|^2 @ mel + eps) @ head.w: the power spectrum through a mel matrix, then a log."""
+    rng = np.random.default_rng(17)
+    inits = [
+        numpy_helper.from_array(_dft_basis(), "stft.basis"),
+        numpy_helper.from_array(np.abs(rng.standard_normal((BANDS, 6))).astype(np.float32), "mel"),
+        numpy_helper.from_array((rng.standard_normal((6, 4)) * 0.3).astype(np.float32), "head.w"),
+        numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+        numpy_helper.from_array(np.array([0], np.int64), "s0"),
+        numpy_helper.from_array(np.array([BANDS], np.int64), "sb"),
+        numpy_helper.from_array(np.array([2 * BANDS], np.int64), "s2b"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["audio", "stft.basis"], ["spec"], strides=[FRAME // 2]),
+        helper.make_node("Slice", ["spec", "s0", "sb", "axis1"], ["re"]),
+        helper.make_node("Slice", ["spec", "sb", "s2b", "axis1"], ["im"]),
+        helper.make_node("Mul", ["re", "re"], ["re2"]),
+        helper.make_node("Mul", ["im", "im"], ["im2"]),
+        helper.make_node("Add", ["re2", "im2"], ["power"]),
+        helper.make_node("Transpose", ["power"], ["frames"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["frames", "mel"], ["mel.power"]),
+        helper.make_node("Add", ["mel.power", "eps"], ["mel.eps"]),
+        helper.make_node("Log", ["mel.eps"], ["log.mel"]),
+        helper.make_node("MatMul", ["log.mel", "head.w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "log_mel",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, 1, 32 * FRAME])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 63, 4])],
+        inits,
+    )
+    return _save(graph, directory, "log_mel.onnx")
+
+
+def test_an_stft_under_a_mel_matrix_and_a_log_is_a_filterbank_and_so_is_the_mel_matrix(tmp_path: Path) -> None:
+    decisions = _decisions(build_log_mel_front_end(tmp_path))
+    assert decisions["stft.basis"] == (N, "nonweight: Conv W, a filterbank whose output reaches Log")
+    assert decisions["mel"] == (N, "nonweight: MatMul B, a filterbank whose output reaches Log")
+    assert decisions["head.w"] == (W, "weight: MatMul B")
+    assert decisions["eps"].role == E

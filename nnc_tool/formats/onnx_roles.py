@@ -27,8 +27,8 @@ to its *real uses*, and then decides (first rule that applies wins):
    or 1-D weights;
 7. except a WEIGHT read by a layer whose result becomes a magnitude or a logarithm (`Sqrt` or
    `Log` of it, reached through views, `Abs`, `Neg`, `Pow`, sums and arithmetic among such
-   results and constants: re^2 + im^2 -> Sqrt): a filterbank (an STFT or CQT basis as a Conv),
-   NONWEIGHT.
+   results and constants: re^2 + im^2 -> Sqrt), or through another linear layer that reads it
+   (log(|STFT|^2 @ mel)): a filterbank (an STFT or CQT basis as a Conv, a mel matrix), NONWEIGHT.
 
 Why tiny tensors used elementwise are exact, but a 1-element bias of a 1-output Conv or Gemm is
 not: a slot such as Conv's B or Gemm's C says "learned bias" whatever its size, while a handful
@@ -441,8 +441,9 @@ class _Analysis:
         """Linear layers (node index) whose result reaches Sqrt or Log as a magnitude -> that op.
 
         Carried like `_learned_outputs`, through views, Abs, Pow bases, sums over an axis and
-        arithmetic of carried values with each other and constants; a Concat carries whatever of
-        it is carried (the other parts are other bands). A mean, an activation or a residual input
+        arithmetic of carried values with each other and constants, and through the data input of
+        another linear layer (log(|STFT|^2 @ mel)); a Concat carries whatever of it is carried (the
+        other parts are other bands). A mean, an activation or a residual input
         stops it, so a LayerNorm (ReduceMean -> Sub -> Pow -> ReduceMean -> Sqrt) after a layer is
         none; nor is an L2 normalisation, whose Sqrt becomes a divisor (x / sqrt(sum x^2)).
         """
@@ -456,7 +457,9 @@ class _Analysis:
                     continue
                 carried: frozenset[int] = frozenset()
                 if node.op in _FILTER_LAYERS:
-                    carried = frozenset({index})
+                    # A filterbank of a filterbank's power (a mel matrix on |STFT|^2) is one too.
+                    data = node.inputs[0] if node.inputs else None
+                    carried = frozenset({index}) | origins.get(data, frozenset())
                 elif node.op in VIEW_OPS:
                     data = node.inputs if node.op == "Concat" else node.inputs[:1]
                     carried = frozenset().union(*(origins.get(k, frozenset()) for k in data if k is not None))
