@@ -408,10 +408,14 @@ _STATE_NAMES = re.compile(r"state|hidden|cache|memory|^h0$|^c0$|^h$|^c$|^past", 
 _MASK_NAMES = re.compile(r"mask", re.IGNORECASE)
 _ZERO_NAMES = re.compile(r"token_type|segment", re.IGNORECASE)
 _POSITION_NAMES = re.compile(r"position", re.IGNORECASE)
+# Integer inputs that give the length of the sequences beside them (waveforms_lens, length, seq_len).
+_LENGTH_NAMES = re.compile(r"(^|_)(len|lens|length|lengths)$", re.IGNORECASE)
 # Candidate values of dynamic dimensions, tried in this order (index k of every list together)
 # until the model runs on one sample.
 _SPATIAL_CANDIDATES = (224, 64, 32, 28, 16, 8)
-_SEQUENCE_CANDIDATES = (16, 8, 32, 64, 4, 1, 128, 256, 512, 1024)  # audio frames need hundreds of samples
+# Audio frames need hundreds of samples; the degenerate 4 and 1 come last (an ASR front end runs
+# on 1 sample but not on 2 of them, nor on 16 - it needs a 400-sample frame).
+_SEQUENCE_CANDIDATES = (16, 8, 32, 64, 128, 256, 512, 1024, 4, 1)
 _CHANNELS = 3
 # At most this many sizes named by Reshape constants are tried after the candidates above.
 _IMPLIED_TRIALS = 8
@@ -433,7 +437,7 @@ def probe_inputs(model: Model, samples: int = 8, seed: int = 0, session=None, pr
     channel axis (axis 1 of a rank >= 3 float input) is 3. Other dynamic dimensions are spatial
     (axes >= 2 of rank >= 3 float inputs, or named height/width/size) or sequence-like (the
     rest: token, time and sequence axes); they take candidate values - spatial 224, 64, 32, 28,
-    16, 8; sequence 16, 8, 32, 64, 4, 1, 128, 256, 512, 1024 (audio chunks); then the sizes Reshape shapes name as constants (a
+    16, 8; sequence 16, 8, 32, 64, 128, 256, 512, 1024 (audio chunks), 4, 1; then the sizes Reshape shapes name as constants (a
     traced length baked into an export) - tried together in that order until the model runs on
     one sample in onnxruntime with the declared output sizes and batch 1 (so a Reshape or a
     stride pattern that constrains them is met).
@@ -472,7 +476,26 @@ def probe_inputs(model: Model, samples: int = 8, seed: int = 0, session=None, pr
         shape = (samples, *sample_shape[1:]) if in_rows else (samples, *sample_shape)
         arrays[spec.name] = _probe_values(spec, shape, facts, rng)
         stacked[spec.name] = not in_rows
+    _fill_lengths(signature, arrays)
     return ModelInputs(arrays, signature, None, None, stacked)
+
+
+def _fill_lengths(signature: list[InputSpec], arrays: dict[str, np.ndarray]) -> None:
+    """Integer inputs named like lengths hold the full length of the sequences they describe: the
+    longest dynamic axis (past the first) of the float inputs - a waveform's samples, a feature
+    sequence's frames. A random length would index past the data (an ASR front end's Scatter)."""
+    lengths = [
+        arrays[spec.name].shape[axis]
+        for spec in signature
+        if spec.dtype.kind == "f" and spec.shape is not None and spec.name in arrays
+        for axis, size in enumerate(spec.shape)
+        if axis > 0 and size is None and axis < arrays[spec.name].ndim
+    ]
+    if not lengths:
+        return
+    for spec in signature:
+        if spec.dtype.kind in "iu" and spec.name in arrays and _LENGTH_NAMES.search(spec.name):
+            arrays[spec.name] = np.full(arrays[spec.name].shape, max(lengths), dtype=spec.dtype)
 
 
 def _dimension_plan(spec: InputSpec, signature: list[InputSpec]) -> list[tuple[tuple[str, str] | None, int]]:
@@ -482,6 +505,7 @@ def _dimension_plan(spec: InputSpec, signature: list[InputSpec]) -> list[tuple[t
     batch_names = {s.dim_names[0] for s in signature if s.dim_names and s.shape and s.shape[0] is None and s.dim_names[0]}
     plan = []
     rank = len(spec.shape)
+    batched = False  # one batch axis per input: [batch_size, N] is a batch of N samples
     for axis, size in enumerate(spec.shape):
         if size is not None:
             plan.append((None, size))
@@ -489,10 +513,13 @@ def _dimension_plan(spec: InputSpec, signature: list[InputSpec]) -> list[tuple[t
         name = spec.dim_names[axis] if spec.dim_names else None
         if _STATE_NAMES.search(spec.name):
             plan.append((None, 1))  # a recurrent state's free axis is its batch (silero: [2, batch, 128])
-        elif name and (name in batch_names or _BATCH_NAMES.match(name)) and not _SEQUENCE_NAMES.search(name):
+        elif (not batched and name and (name in batch_names or _BATCH_NAMES.match(name))
+              and not _SEQUENCE_NAMES.search(name)):
             plan.append((None, 1))
+            batched = True
         elif axis == 0 and not (name and (_SEQUENCE_NAMES.search(name) or _SPATIAL_NAMES.search(name))):
             plan.append((None, 1))
+            batched = True
         elif axis == 1 and rank >= 3 and spec.dtype.kind == "f" and not (name and _SPATIAL_NAMES.search(name)):
             plan.append((None, _CHANNELS))
         else:
@@ -547,6 +574,7 @@ def _choose_dimensions(model: Model, signature: list[InputSpec], plans, implied:
                 feeds[spec.name] = fill(shape, spec.dtype)
             else:
                 feeds[spec.name] = np.full(shape, 0.1, spec.dtype)
+        _fill_lengths(signature, feeds)
         return feeds
 
     noise_source = np.random.default_rng(1)

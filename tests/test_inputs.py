@@ -353,3 +353,25 @@ def test_probe_skips_a_length_on_which_the_outputs_ignore_the_inputs(tmp_path) -
     )
     probe = probe_inputs(read_model(_save(graph, tmp_path / "window.onnx")), samples=2)
     assert probe.arrays["x"].shape[-1] == 512  # 16 ... 256 run too, with an output that is always 0
+
+
+def test_probe_lengths_match_the_sequence_they_describe(tmp_path) -> None:
+    # An ASR front end's inputs: waveforms [batch_size, N] and waveforms_lens [batch_size]. N is the
+    # samples axis (one batch axis per input, whatever its name), and the lengths are N itself: a
+    # front end indexes frames with them (onnx-asr's kaldi preprocessor fails on a random length).
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["waveforms_lens"], ["lens"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceSum", ["waveforms", "axis"], ["total"], keepdims=0),
+            helper.make_node("Div", ["total", "lens"], ["mean"]),
+        ],
+        "front_end",
+        [helper.make_tensor_value_info("waveforms", TensorProto.FLOAT, ["batch_size", "N"]),
+         helper.make_tensor_value_info("waveforms_lens", TensorProto.INT64, ["batch_size"])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["batch_size"])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axis")],
+    )
+    probe = probe_inputs(read_model(_save(graph, tmp_path / "front_end.onnx")), samples=3)
+    samples = probe.arrays["waveforms"].shape
+    assert samples[0] == 3 and samples[1] > 1
+    assert probe.arrays["waveforms_lens"].tolist() == [samples[1]] * 3

@@ -495,7 +495,7 @@ def test_a_layer_before_a_layernorm_or_an_l2_normalisation_is_no_filterbank(tmp_
 
 
 def build_log_mel_front_end(directory: Path) -> Path:
-    """log(|STFT|^2 @ mel + eps) @ head.w: the power spectrum through a mel matrix, then a log."""
+    """log(clip(|STFT|^2 @ mel, eps)) @ head.w: the power spectrum through a mel matrix, then a log."""
     rng = np.random.default_rng(17)
     inits = [
         numpy_helper.from_array(_dft_basis(), "stft.basis"),
@@ -516,7 +516,7 @@ def build_log_mel_front_end(directory: Path) -> Path:
         helper.make_node("Add", ["re2", "im2"], ["power"]),
         helper.make_node("Transpose", ["power"], ["frames"], perm=[0, 2, 1]),
         helper.make_node("MatMul", ["frames", "mel"], ["mel.power"]),
-        helper.make_node("Add", ["mel.power", "eps"], ["mel.eps"]),
+        helper.make_node("Clip", ["mel.power", "eps"], ["mel.eps"]),  # log(max(x, eps)), as whisper's front end
         helper.make_node("Log", ["mel.eps"], ["log.mel"]),
         helper.make_node("MatMul", ["log.mel", "head.w"], ["y"]),
     ]
@@ -535,3 +535,31 @@ def test_an_stft_under_a_mel_matrix_and_a_log_is_a_filterbank_and_so_is_the_mel_
     assert decisions["mel"] == (N, "nonweight: MatMul B, a filterbank whose output reaches Log")
     assert decisions["head.w"] == (W, "weight: MatMul B")
     assert decisions["eps"].role == E
+
+
+def test_layers_linked_by_an_activation_are_not_one_filterbank(tmp_path: Path) -> None:
+    """c1 -> Clip(0, 6) (ReLU6) -> c2 -> Pow 2 -> Sqrt: c2 feeds a magnitude, c1 only c2."""
+    rng = np.random.default_rng(18)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 1, 3)) * 0.3).astype(np.float32), "c1.w"),
+        numpy_helper.from_array((rng.standard_normal((4, 4, 3)) * 0.3).astype(np.float32), "c2.w"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "c1.w"], ["h1"]),
+        helper.make_node("Clip", ["h1", "zero", "six"], ["a1"]),
+        helper.make_node("Conv", ["a1", "c2.w"], ["h2"]),
+        helper.make_node("Pow", ["h2", "two"], ["p"]),
+        helper.make_node("Sqrt", ["p"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "relu6_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 12])],
+        inits,
+    )
+    decisions = _decisions(_save(graph, tmp_path, "relu6_chain.onnx"))
+    assert decisions["c1.w"] == (W, "weight: Conv W")
+    assert decisions["c2.w"] == (N, "nonweight: Conv W, a filterbank whose output reaches Sqrt")

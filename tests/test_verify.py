@@ -260,3 +260,15 @@ def test_plain_encode_keeps_the_default_floor_and_an_explicit_qp_is_what_it_says
     monkeypatch.setattr(verify, "MAX_REPAIR_ROUNDS", 0)
     unreachable = runner.invoke(main, ["encode", str(samples_dir / "mlp.onnx"), "-o", str(tmp_path / "u.nnc")])
     assert unreachable.exit_code == 0 and "warning" in unreachable.output and "500 dB" in unreachable.output
+
+
+def test_a_model_whose_only_lossy_layers_are_filterbanks_is_not_predicted_exact() -> None:
+    from nnc_tool.model import Model, TensorRole
+
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((8, 1, 16)).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    model = Model("onnx", b"", [Tensor("basis", basis, TensorRole.NONWEIGHT), Tensor("bias", bias, TensorRole.NONWEIGHT)])
+    rebuilt = {"basis": basis + np.float32(0.01) * rng.standard_normal(basis.shape).astype(np.float32), "bias": bias + 0.5}
+    predicted = verify.predicted_snr_db(model, rebuilt)
+    assert 35.0 < predicted < 45.0  # 1 % noise on a unit-RMS filterbank: 40 dB; the 1-D bias does not count

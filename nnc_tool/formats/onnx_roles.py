@@ -26,9 +26,10 @@ to its *real uses*, and then decides (first rule that applies wins):
    elementwise uses) with at most one axis longer than 1 (a [1, 512, 1] scale is 1-D), and tiny
    or 1-D weights;
 7. except a WEIGHT read by a layer whose result becomes a magnitude or a logarithm (`Sqrt` or
-   `Log` of it, reached through views, `Abs`, `Neg`, `Pow`, sums and arithmetic among such
-   results and constants: re^2 + im^2 -> Sqrt), or through another linear layer that reads it
-   (log(|STFT|^2 @ mel)): a filterbank (an STFT or CQT basis as a Conv, a mel matrix), NONWEIGHT.
+   `Log` of it, reached through views, `Abs`, `Neg`, `Pow`, sums, floors (`Max`, `Clip`) and
+   arithmetic among such results and constants: re^2 + im^2 -> Sqrt), or through another
+   linear layer that reads its square (log(|STFT|^2 @ mel)): a filterbank (an STFT or CQT basis
+   as a Conv, a mel matrix), NONWEIGHT.
 
 Why tiny tensors used elementwise are exact, but a 1-element bias of a 1-output Conv or Gemm is
 not: a slot such as Conv's B or Gemm's C says "learned bias" whatever its size, while a handful
@@ -108,7 +109,7 @@ _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})  # Div: the numerator onl
 _LEARNED_LAYERS = frozenset(set(WEIGHT_SLOTS) | set(BIAS_SLOTS) | {"Einsum"}) - {"PRelu"}
 # Linear layers that can be a filterbank, the ops a magnitude is computed with, and its end.
 _FILTER_LAYERS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
-_MAGNITUDE_OPS = _ELEMENTWISE | {"Pow", "Abs", "Neg", "ReduceSum", "ReduceSumSquare"}
+_MAGNITUDE_OPS = _ELEMENTWISE | {"Pow", "Abs", "Neg", "ReduceSum", "ReduceSumSquare", "Max", "Clip"}
 _MAGNITUDE_ENDS = frozenset({"Sqrt", "Log"})
 # What a norm divides by passes through these first (x / max(sqrt(sum x^2), eps)).
 _DIVISOR_PASS = VIEW_OPS | {"Add", "Max", "Clip", "Expand"}
@@ -440,14 +441,18 @@ class _Analysis:
     def _filterbanks(self) -> dict[int, str]:
         """Linear layers (node index) whose result reaches Sqrt or Log as a magnitude -> that op.
 
-        Carried like `_learned_outputs`, through views, Abs, Pow bases, sums over an axis and
-        arithmetic of carried values with each other and constants, and through the data input of
-        another linear layer (log(|STFT|^2 @ mel)); a Concat carries whatever of it is carried (the
-        other parts are other bands). A mean, an activation or a residual input
-        stops it, so a LayerNorm (ReduceMean -> Sub -> Pow -> ReduceMean -> Sqrt) after a layer is
-        none; nor is an L2 normalisation, whose Sqrt becomes a divisor (x / sqrt(sum x^2)).
+        Carried like `_learned_outputs`, through views, Abs, Pow bases, sums over an axis, floors
+        (Max, Clip: log(max(x, eps))) and arithmetic of carried values with each other and
+        constants; a Concat carries whatever of it is carried (the other parts are other bands).
+        Once squared (Pow, Abs, x * x, ReduceSumSquare) it is a power spectrum, and a linear layer
+        reading it carries it on (log(|STFT|^2 @ mel): the mel matrix is a filterbank too); before,
+        a linear layer starts afresh, so Conv -> Clip (ReLU6) -> Conv links no layers. A mean, an
+        activation or a residual input stops it, so a LayerNorm (ReduceMean -> Sub -> Pow ->
+        ReduceMean -> Sqrt) after a layer is none; nor is an L2 normalisation, whose Sqrt becomes
+        a divisor (x / sqrt(sum x^2)).
         """
         origins: dict[ValueKey, frozenset[int]] = {}
+        powers: set[ValueKey] = set()  # carried values that have been squared
         found: dict[int, str] = {}
         changed = True
         while changed:
@@ -456,30 +461,41 @@ class _Analysis:
                 if not node.standard:
                     continue
                 carried: frozenset[int] = frozenset()
+                sources: list[ValueKey] = []
+                squared = False
                 if node.op in _FILTER_LAYERS:
-                    # A filterbank of a filterbank's power (a mel matrix on |STFT|^2) is one too.
                     data = node.inputs[0] if node.inputs else None
-                    carried = frozenset({index}) | origins.get(data, frozenset())
+                    carried = frozenset({index}) | (origins.get(data, frozenset()) if data in powers else frozenset())
+                    sources = [data] if data in powers else []
                 elif node.op in VIEW_OPS:
-                    data = node.inputs if node.op == "Concat" else node.inputs[:1]
-                    carried = frozenset().union(*(origins.get(k, frozenset()) for k in data if k is not None))
+                    sources = [k for k in (node.inputs if node.op == "Concat" else node.inputs[:1]) if k in origins]
                 elif node.op in _MAGNITUDE_OPS:
                     operands = [k for k in node.inputs if k is not None]
-                    if node.op in ("Pow", "Div"):  # the base or numerator carries; the other is a constant
-                        if len(operands) == 2 and self._constant_derived(operands[1]):
-                            carried = origins.get(operands[0], frozenset())
+                    if node.op in ("Pow", "Div", "Clip"):  # the base, numerator or value carries; the rest are constants
+                        if operands and all(self._constant_derived(k) for k in operands[1:]):
+                            sources = [k for k in operands[:1] if k in origins]
                     elif all(k in origins or self._constant_derived(k) for k in operands):
-                        carried = frozenset().union(*(origins.get(k, frozenset()) for k in operands))
+                        sources = [k for k in operands if k in origins]
+                    squared = bool(sources) and (
+                        node.op in ("Pow", "Abs", "ReduceSumSquare") or (node.op == "Mul" and len(sources) == 2)
+                    )
                 elif node.op in _MAGNITUDE_ENDS and node.inputs and node.inputs[0] in origins and not self._divisor(node):
                     for layer in origins[node.inputs[0]]:
                         if layer not in found:
                             found[layer] = node.op
                             changed = True
+                carried = carried.union(*(origins[k] for k in sources if k in origins))
                 if not carried:
                     continue
+                power = squared or any(k in powers for k in sources)
                 for out in node.outputs:
-                    if out is not None and not carried <= origins.get(out, frozenset()):
+                    if out is None:
+                        continue
+                    if not carried <= origins.get(out, frozenset()):
                         origins[out] = origins.get(out, frozenset()) | carried
+                        changed = True
+                    if power and out not in powers:
+                        powers.add(out)
                         changed = True
         return found
 
