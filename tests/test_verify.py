@@ -272,3 +272,27 @@ def test_a_model_whose_only_lossy_layers_are_filterbanks_is_not_predicted_exact(
     rebuilt = {"basis": basis + np.float32(0.01) * rng.standard_normal(basis.shape).astype(np.float32), "bias": bias + 0.5}
     predicted = verify.predicted_snr_db(model, rebuilt)
     assert 35.0 < predicted < 45.0  # 1 % noise on a unit-RMS filterbank: 40 dB; the 1-D bias does not count
+
+
+def test_a_model_the_probes_cannot_run_is_reported_unchecked_without_onnxruntime_noise(tmp_path, capfd) -> None:
+    # x [1, N] reshaped to [5, 3, -1] fails at run time for every probe length (16, 8, 32, ...,
+    # and the 5 and 3 the Reshape names): the check is reported as not run, in our words only.
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"]), helper.make_node("MatMul", ["x2", "w"], ["z"])],
+        "unrunnable",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "N"]),
+         helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 30])],
+        [numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 30)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([5, 3, -1], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "unrunnable.onnx"
+    onnx.save_model(model, path)
+    capfd.readouterr()
+    report = api.encode(path, tmp_path / "u.nnc", api.EncodeOptions(qp=-38))
+    assert report.check.skipped is not None and "does not run" in report.check.skipped
+    captured = capfd.readouterr()
+    assert "onnxruntime" not in captured.err and "ExecuteKernel" not in captured.err, captured.err

@@ -59,7 +59,9 @@ def cpu_session(proto: onnx.ModelProto, threads: int = 1, optimization_level=Non
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    # Fatal only: a failing run raises, and the caller turns that into its one line; onnxruntime's
+    # own ERROR log would print a second, coloured copy (a probe the model rejects, for one).
+    options.log_severity_level = 4
     if optimization_level is not None:
         options.graph_optimization_level = optimization_level
     if initializers:
