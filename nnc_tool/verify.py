@@ -195,11 +195,12 @@ def predicted_snr_db(original: Model, rebuilt: dict[str, np.ndarray]) -> float:
         typical = float(np.median(np.einsum("ij,ij->i", rows, rows, dtype=np.float64) / max(rows.shape[1], 1)))
         error = rows - np.asarray(values, dtype=np.float32).reshape(rows.shape)
         noise = float(np.einsum("ij,ij->", error, error, dtype=np.float64)) / max(error.size, 1)
-        if typical > 0:
-            # Error feedback can move a nearly dead tensor's values far beyond their own size (a
-            # folded PicoDet weight of RMS 3e-7 took noise 10^5 times its power); no tensor can
-            # lose more than all of its signal, so none predicts more than that.
-            relative += min(noise / typical, 1.0)
+        # A tensor whose rounding error exceeds its own typical power is a dead one (a folded
+        # PicoDet weight of RMS 3e-7 takes noise 10^5 times its power): relative noise says
+        # nothing about its effect, and counting it as all signal lost (0 dB) would blind the
+        # check to every real collapse of the model. The probes judge it instead.
+        if 0 < noise <= typical:
+            relative += noise / typical
     return snr_db(1.0, relative) if relative > 0 else math.inf
 
 

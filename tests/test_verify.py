@@ -296,3 +296,15 @@ def test_a_model_the_probes_cannot_run_is_reported_unchecked_without_onnxruntime
     assert report.check.skipped is not None and "does not run" in report.check.skipped
     captured = capfd.readouterr()
     assert "onnxruntime" not in captured.err and "ExecuteKernel" not in captured.err, captured.err
+
+
+def test_a_dead_tensor_does_not_blind_the_prediction() -> None:
+    from nnc_tool.model import Model, TensorRole
+
+    rng = np.random.default_rng(1)
+    live = rng.standard_normal((16, 32)).astype(np.float32)
+    dead = (rng.standard_normal((16, 32)) * 3e-7).astype(np.float32)  # a folded weight, RMS 3e-7
+    model = Model("onnx", b"", [Tensor("live", live, TensorRole.WEIGHT), Tensor("dead", dead, TensorRole.WEIGHT)])
+    rebuilt = {"live": live + np.float32(0.01) * rng.standard_normal(live.shape).astype(np.float32),
+               "dead": np.round(dead / 1e-3) * np.float32(1e-3) + np.float32(1e-3)}  # error >> its power
+    assert 38.0 < verify.predicted_snr_db(model, rebuilt) < 42.0  # the live tensor's 1 %: 40 dB
