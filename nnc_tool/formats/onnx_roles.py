@@ -46,7 +46,7 @@ the error is amplified by the spectral range of real signals (speech, music: 40-
 white-noise probes, flat in spectrum, do not show. Its RMS says nothing about its effect, as for
 the NONWEIGHT parameters, and it is one layer: silero-vad's STFT basis at the weight step alone
 takes its streamed speech probabilities to 31 dB, 16 QP finer to 48 dB, for 7 % more bytes;
-basic-pitch's CQT at QP -38 goes from 19.8 to 35.2 dB output SNR for 38 % more (a 29 KB stream).
+basic-pitch's CQT at QP -38 goes from 19.8 to 30.7 dB output SNR for 32 % more (a 29 KB stream).
 
 Every decision carries a short reason (`RoleDecision.reason`), e.g. ``weight: Slice -> Concat ->
 Unsqueeze -> LSTM W in If/else/If/then``, ``exact: reaches Sqrt (Add -> Sqrt)``, ``exact: 1
