@@ -437,10 +437,12 @@ def probe_inputs(model: Model, samples: int = 8, seed: int = 0, session=None, pr
     channel axis (axis 1 of a rank >= 3 float input) is 3. Other dynamic dimensions are spatial
     (axes >= 2 of rank >= 3 float inputs, or named height/width/size) or sequence-like (the
     rest: token, time and sequence axes); they take candidate values - spatial 224, 64, 32, 28,
-    16, 8; sequence 16, 8, 32, 64, 128, 256, 512, 1024 (audio chunks), 4, 1; then the sizes Reshape shapes name as constants (a
-    traced length baked into an export) - tried together in that order until the model runs on
-    one sample in onnxruntime with the declared output sizes and batch 1 (so a Reshape or a
-    stride pattern that constrains them is met).
+    16, 8; sequence 16, 8, 32, 64, 128, 256, 512, 1024 (audio chunks), 4, 1; then the sizes
+    Reshape shapes name as constants (a traced length baked into an export) - tried together in
+    that order until the model runs on one sample in onnxruntime with the declared output sizes
+    and batch 1 (so a Reshape or a stride pattern that constrains them is met), and its outputs
+    change with the inputs (two different random fills). An input has one batch axis: in
+    [batch_size, N] the N is a sequence, not a second batch.
 
     Values. Float inputs are standard normal, except state inputs of recurrent models (names
     like state, hidden, cache, h0/c0, or feeding an LSTM/GRU/RNN's initial state) which are
@@ -451,7 +453,8 @@ def probe_inputs(model: Model, samples: int = 8, seed: int = 0, session=None, pr
     segment ids -> zeros; compared by Equal with a constant -> that constant (silero's
     sr == 16000); position ids -> 0, 1, 2, ... along the last axis; indices of a Gather from a
     constant table -> uniform below the table's size on the gathered axis (less any added
-    offset); otherwise uniform in [0, 16), clipped to the type.
+    offset); integers named like lengths (waveforms_lens, length) -> the longest dynamic axis of
+    the float inputs; otherwise uniform in [0, 16), clipped to the type.
     
     `session`: an onnxruntime session of the model to try the dimensions on, and `proto`: the
     model's ModelProto with every tensor's dims and the values of the small ones (the self-check
