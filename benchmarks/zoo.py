@@ -272,6 +272,31 @@ def format_table(rows: list[dict], qps: list[int], compare: bool = False) -> str
     return "\n".join(lines)
 
 
+# What issue 16 asks of every member's `nnc encode MODEL`: output SNR and task agreement at least these.
+BAR_SNR_DB, BAR_AGREEMENT = 30.0, 99.0
+# The `extra` entries that say how near a tie the most confident changed decision was.
+TIE_EXTRAS = ("largest_flip_margin", "largest_flip_gap")
+
+
+def format_bar(rows: list[dict]) -> str:
+    """One line: how many members' default encode keep BAR_SNR_DB and BAR_AGREEMENT, and each
+    miss with its numbers (and its tie margin, where the member measures one)."""
+    misses, measured = [], 0
+    for row in rows:
+        cell = row.get("default") or {}
+        if "output_snr_db" not in cell:
+            continue
+        measured += 1
+        snr, agreement = cell["output_snr_db"], cell.get("agreement", float("nan"))
+        if snr >= BAR_SNR_DB and agreement >= BAR_AGREEMENT:
+            continue
+        ties = [f"{key} {cell['extra'][key]:.2g}" for key in TIE_EXTRAS if key in (cell.get("extra") or {})]
+        misses.append(f"{row['name']} {snr:.1f} dB {agreement:.1f} %" + (f" ({', '.join(ties)})" if ties else ""))
+    kept = measured - len(misses)
+    return (f"default encode keeps >= {BAR_SNR_DB:g} dB and >= {BAR_AGREEMENT:g} %: {kept} of {measured} members"
+            + (f"; below: {'; '.join(misses)}" if misses else ""))
+
+
 def format_nncodec_table(rows: list[dict], qps: list[int]) -> str:
     """NNCodec's cells beside ours, and the QPs where ours collapses while NNCodec holds."""
     header = ["model"] + [f"QP {qp}: ours | NNCodec" for qp in qps] + ["collapses"]
@@ -380,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     rows += broken_rows
 
     print(format_table(rows, args.qps, args.compare))
+    print()
+    print(format_bar(rows))
     if nncodec:
         print()
         print(format_nncodec_table(rows, args.qps))

@@ -136,3 +136,16 @@ def test_runner_measures_members_and_turns_failures_into_cells(tmp_path, monkeyp
     with pytest.raises(SystemExit) as exit_info:
         runner.main(["--models", "nonexistent", "--json", str(results)])
     assert exit_info.value.code == 2
+
+
+def test_the_bar_line_counts_members_and_names_each_miss_with_its_tie_margin():
+    rows = [
+        {"name": "good", "default": {"output_snr_db": 41.0, "agreement": 100.0}},
+        {"name": "ties", "default": {"output_snr_db": 54.3, "agreement": 98.8, "extra": {"largest_flip_margin": 0.0021}}},
+        {"name": "noisy", "default": {"output_snr_db": 28.6, "agreement": 99.4}},
+        {"name": "broken", "error": "import: ModuleNotFoundError"},
+    ]
+    assert _runner().format_bar(rows) == (
+        "default encode keeps >= 30 dB and >= 99 %: 1 of 3 members; below: "
+        "ties 54.3 dB 98.8 % (largest_flip_margin 0.0021); noisy 28.6 dB 99.4 %"
+    )
