@@ -461,12 +461,11 @@ class _Analysis:
                 if not node.standard:
                     continue
                 carried: frozenset[int] = frozenset()
-                sources: list[ValueKey] = []
+                sources: list[ValueKey] = []  # carried inputs whose origins the outputs carry on
                 squared = False
                 if node.op in _FILTER_LAYERS:
-                    data = node.inputs[0] if node.inputs else None
-                    carried = frozenset({index}) | (origins.get(data, frozenset()) if data in powers else frozenset())
-                    sources = [data] if data in powers else []
+                    carried = frozenset({index})
+                    sources = [k for k in node.inputs[:1] if k in powers]
                 elif node.op in VIEW_OPS:
                     sources = [k for k in (node.inputs if node.op == "Concat" else node.inputs[:1]) if k in origins]
                 elif node.op in _MAGNITUDE_OPS:
@@ -479,12 +478,12 @@ class _Analysis:
                     squared = bool(sources) and (
                         node.op in ("Pow", "Abs", "ReduceSumSquare") or (node.op == "Mul" and len(sources) == 2)
                     )
-                elif node.op in _MAGNITUDE_ENDS and node.inputs and node.inputs[0] in origins and not self._divisor(node):
-                    for layer in origins[node.inputs[0]]:
-                        if layer not in found:
-                            found[layer] = node.op
-                            changed = True
-                carried = carried.union(*(origins[k] for k in sources if k in origins))
+                elif node.op in _MAGNITUDE_ENDS and node.inputs and node.inputs[0] in origins:
+                    new = origins[node.inputs[0]] - found.keys()
+                    if new and not self._divisor(node):
+                        found.update(dict.fromkeys(new, node.op))
+                        changed = True
+                carried = carried.union(*(origins[k] for k in sources))
                 if not carried:
                     continue
                 power = squared or any(k in powers for k in sources)
