@@ -308,3 +308,31 @@ def test_a_dead_tensor_does_not_blind_the_prediction() -> None:
     rebuilt = {"live": live + np.float32(0.01) * rng.standard_normal(live.shape).astype(np.float32),
                "dead": np.round(dead / 1e-3) * np.float32(1e-3) + np.float32(1e-3)}  # error >> its power
     assert 38.0 < verify.predicted_snr_db(model, rebuilt) < 42.0  # the live tensor's 1 %: 40 dB
+
+
+def test_the_culprit_search_names_the_loud_tensor_and_reuses_the_checks_measurement(samples_dir: Path) -> None:
+    model = read_model(samples_dir / "mlp.onnx")
+    checker = verify.Checker(model)
+    floats = [t for t in model.tensors if t.is_float]
+    loud = max(floats, key=lambda t: t.array.size)
+    rng = np.random.default_rng(3)
+    changed = {t.name: (t.array * (1 + 1e-6)).astype(t.array.dtype) for t in floats}
+    changed[loud.name] = (loud.array + 0.5 * loud.array.std() * rng.standard_normal(loud.array.shape)).astype(np.float32)
+    runs: list[tuple[str, ...]] = []
+    measure = checker.group_noise
+    checker.group_noise = lambda changed, group: runs.append(tuple(group)) or measure(changed, group)
+    total = measure(changed, list(changed))
+    allowed = total / 4
+
+    searched = checker.find_culprits(changed, allowed)
+    first = len(runs)
+    reused = checker.find_culprits(changed, allowed, total_noise=total)
+    assert set(searched) == set(reused) == {loud.name}
+    assert len(runs) - first == first - 1  # the whole set is not run again
+    assert reused[loud.name] == pytest.approx(measure(changed, [loud.name]))
+
+    # One run allowed: the parts it could not test count whole, with the noise of the set.
+    budget = checker.find_culprits(changed, allowed, max_runs=1, total_noise=total)
+    size = math.ceil(len(changed) / verify.SEARCH_FANOUT)
+    untested = list(changed)[size:]
+    assert loud.name in budget and all(budget[name] == total for name in untested)
