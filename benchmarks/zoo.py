@@ -299,7 +299,7 @@ def format_bar(rows: list[dict]) -> str:
 
 def format_nncodec_table(rows: list[dict], qps: list[int]) -> str:
     """NNCodec's cells beside ours, and the QPs where ours collapses while NNCodec holds."""
-    header = ["model"] + [f"QP {qp}: ours | NNCodec" for qp in qps] + ["collapses"]
+    header = ["model"] + [f"QP {qp}: ours \\| NNCodec" for qp in qps] + ["collapses"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if "nncodec" not in row:
