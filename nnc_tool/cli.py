@@ -75,6 +75,11 @@ def handle_errors(command):
             _fail(str(err), err.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except BrokenPipeError:
+            # The reader went away (`nnc info X.nnc | head`): end quietly, as a program killed by
+            # SIGPIPE does, and keep the interpreter's final flush from failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
         except OSError as err:
             _fail(f"{err.filename or ''}: {err.strerror or err}".lstrip(": "), 2)
         except Exception as err:  # noqa: BLE001 - the promise is one line, not a traceback

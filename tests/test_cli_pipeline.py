@@ -684,3 +684,15 @@ def test_sigint_stops_a_parallel_batch_without_partial_outputs(big_model: Path, 
     while any(Path(f"/proc/{pid}").exists() and resident_mb(pid) > 0 for pid in workers):
         assert time.monotonic() < deadline, "worker processes outlived the batch"
         time.sleep(0.05)
+
+
+@needs_proc
+def test_a_reader_that_stops_early_ends_info_quietly(tmp_path: Path, samples_dir: Path) -> None:
+    """`nnc info X.nnc | head`: the closed pipe ends nnc as SIGPIPE would, with nothing on stderr."""
+    stream = tmp_path / "lenet.nnc"
+    assert CliRunner().invoke(main, ["encode", str(samples_dir / "lenet.onnx"), "-o", str(stream), "-q"]).exit_code == 0
+    process = nnc_process("info", stream, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert stderr == b""
