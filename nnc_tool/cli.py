@@ -9,26 +9,30 @@ import signal
 import sys
 import time
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import click
 
-from . import __version__, api, verify
-from .batch import encode_many
-from .bench import bench as run_bench
-from .bench.gates import Gates, check_report, check_sweep, summarize
-from .bench.runner import BenchReport
-from .inputs import read_inputs
-from .bench.sweep import SweepReport, parse_sparsities, parse_sweep, sweep
-from .coding.report import describe_entropy_report
+from . import __version__
+from .defaults import (
+    ALLOCATIONS, CALIBRATION_MODES, DEFAULT_KERNEL_CORRELATION, FULL_CALIBRATION_PARAMETERS, IMPORTANCES,
+    MAX_KERNEL_CORRELATION, METHODS, NM_GRANULARITIES, SCOPES,
+)
 from .errors import NncError, UsageError
 from .progress import progress_bar
-from .prune import PruneConfig, PruneReport
-from .prune.config import ALLOCATIONS, IMPORTANCES, METHODS, NM_GRANULARITIES, SCOPES
-from .quantize.rdo import DEFAULT_KERNEL_CORRELATION
-from .quantize.allocation import FULL_CALIBRATION_PARAMETERS
-from .quantize.uniform import CALIBRATION_MODES, MAX_KERNEL_CORRELATION, QuantSettings
 from .ratecontrol import RateTarget
-from .units import format_size, parse_size
+from .units import format_size, parse_size, parse_sparsities
+
+# Only what every command needs is imported here: `nnc --help`, `nnc info` and `nnc decode` start
+# without the encoder's stack (onnxruntime, quantization, pruning), which each command that runs it
+# imports itself.
+if TYPE_CHECKING:
+    from . import api
+    from .bench.gates import Gates
+    from .bench.runner import BenchReport
+    from .bench.sweep import SweepReport
+    from .prune import PruneConfig, PruneReport
+    from .quantize.uniform import QuantSettings
 
 _human = format_size
 
@@ -174,6 +178,9 @@ def _pruning(prune_method: str | None, sparsities: tuple[float, ...], scope: str
         k, n = (int(part) for part in nm.split(":"))
     except ValueError:
         raise UsageError(None, f"--nm expects K:N such as 2:4, got {nm!r}") from None
+    from .inputs import read_inputs
+    from .prune import PruneConfig
+
     if calibration is None and calib:
         calibration = read_inputs(calib)
     try:
@@ -188,6 +195,8 @@ def _settings(qp: int, nonweight_qp: int | None, bits: int | None, per_channel: 
               uniform_qp: bool = False, rdo: float = 0.0, no_error_feedback: bool = False,
               no_bias_correction: bool = False, dq: bool = False,
               kernel_correlation: float = DEFAULT_KERNEL_CORRELATION, calib_mode: str = "auto") -> QuantSettings:
+    from .quantize.uniform import QuantSettings
+
     return QuantSettings(qp=qp, nonweight_qp=nonweight_qp, bits=bits, per_channel=per_channel, lossless=lossless,
                          allocate=not uniform_qp, rdo=rdo, error_feedback=not no_error_feedback,
                          bias_correction=not no_bias_correction, dependent=dq, kernel_correlation=kernel_correlation,
@@ -303,6 +312,9 @@ def encode(models: tuple[str, ...], output: str | None, output_dir: str | None, 
     With -d, a file that fails is reported (one line on stderr) and skipped, the others are
     still encoded, and the exit code is 2 if any failed.
     """
+    from . import api
+    from .inputs import read_inputs
+
     _quiet_and_verbose(quiet, verbose)
     if output is not None and output_dir is not None:
         raise UsageError(None, "-o and -d cannot be used together: -o names one bitstream, -d a directory for many")
@@ -342,6 +354,8 @@ def _encode_batch(models: tuple[str, ...], output_dir: str, jobs: int, settings:
                   pruning: PruneConfig | None, fold_batchnorm: bool, calibration, as_json: bool, quiet: bool,
                   verbose: bool, target: RateTarget | None = None, evaluation=None,
                   drop_optimizer_state: bool = False, check: dict | None = None) -> None:
+    from .batch import encode_many
+
     started = time.perf_counter()
     jobs = jobs or os.cpu_count() or 1
     with progress_bar("encode", quiet) as bar:
@@ -429,7 +443,9 @@ def _given(parameter: str) -> bool:
 def _default_floor(qp_given: bool, bits: int | None, target) -> float | None:
     """The fidelity a plain `nnc encode MODEL` keeps (verify.DEFAULT_FLOOR_DB): a --qp, --bits or
     rate target the user chose is what they get (the check still repairs collapses)."""
-    return None if qp_given or bits is not None or target is not None else verify.DEFAULT_FLOOR_DB
+    from .verify import DEFAULT_FLOOR_DB
+
+    return None if qp_given or bits is not None or target is not None else DEFAULT_FLOOR_DB
 
 
 def _reason(tensor: api.TensorReport) -> str:
@@ -496,7 +512,9 @@ def _echo_pruning(report: PruneReport, verbose: bool, echo=click.echo) -> None:
 @handle_errors
 def decode(bitstream: str, output: str, quiet: bool) -> None:
     """Rebuild a runnable model from BITSTREAM in the format it came from."""
-    report = api.decode(bitstream, output)
+    from .decoder import decode as decode_bitstream
+
+    report = decode_bitstream(bitstream, output)
     if quiet:
         return
     click.echo(
@@ -512,7 +530,9 @@ def decode(bitstream: str, output: str, quiet: bool) -> None:
 @handle_errors
 def info(bitstream: str, entropy: bool, as_json: bool) -> None:
     """List the units, tensors, steps and sizes of BITSTREAM, and why each tensor has its role."""
-    stream = api.info(bitstream, entropy=entropy)
+    from .decoder import info as describe_bitstream
+
+    stream = describe_bitstream(bitstream, entropy=entropy)
     if as_json:
         _print_json(asdict(stream))
         return
@@ -537,6 +557,8 @@ def info(bitstream: str, entropy: bool, as_json: bool) -> None:
             f"{unit.size:>10} B  {detail}{_reason(t)}"
         )
     if stream.entropy is not None:
+        from .coding.report import describe_entropy_report
+
         click.echo(describe_entropy_report(stream.entropy))
 
 
@@ -584,6 +606,11 @@ def bench(model: str, nnc_path: str | None, data: str | None, qp: int, nonweight
     measurement of the original. Gates (--fail-*) make the command exit 1 with a one-line
     reason after the report; with a sweep, every point must pass.
     """
+    from .bench import bench as run_bench
+    from .bench.gates import Gates, check_report  # noqa: F811 - the type hints' name, at run time
+    from .bench.sweep import parse_sweep
+    from .inputs import read_inputs
+
     _quiet_and_verbose(quiet, verbose)
     gates = Gates(fail_below_accuracy, fail_above_size, fail_above_latency_ratio)
     if fail_below_accuracy is not None:
@@ -631,6 +658,9 @@ def _bench_sweep(model: str, qps: tuple[int, ...], sparsities: tuple[float, ...]
                  pruning: PruneConfig | None, data: str | None, runs: int, warmup: int, batch_size: int, threads: int,
                  fold_batchnorm: bool, calibration, gates: Gates, plot_path: str | None, as_json: bool, quiet: bool,
                  verbose: bool) -> None:
+    from .bench.gates import check_sweep, summarize
+    from .bench.sweep import sweep
+
     with progress_bar(f"sweep {os.path.basename(model)}", quiet) as bar:
         report = sweep(model, qps, sparsities, settings, pruning, data, runs=runs, warmup=warmup,
                        batch_size=batch_size, threads=threads, fold_batchnorm=fold_batchnorm, calibration=calibration,
@@ -659,6 +689,8 @@ def _with_gates(data: dict, gates: Gates, failures: list[str]) -> dict:
 
 def _exit_on_gates(failures: list[str]) -> None:
     if failures:
+        from .bench.gates import summarize
+
         click.echo(f"nnc: gate failed: {summarize(failures)}", err=True)
         sys.exit(1)
 

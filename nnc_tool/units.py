@@ -1,4 +1,5 @@
-"""Byte sizes as people write them on a command line: `300000`, `200KB`, `1.5MB`, `64KiB`."""
+"""Values as people write them on a command line: byte sizes (`300000`, `200KB`, `1.5MB`,
+`64KiB`) and sparsity lists (`0,0.3,0.5`)."""
 from __future__ import annotations
 
 import math
@@ -56,3 +57,18 @@ def format_size(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
         size /= 1000.0
     return f"{size} B"
+
+
+def parse_sparsities(text: str) -> tuple[float, ...]:
+    """`0,0.3,0.5` -> (0.0, 0.3, 0.5); every value in [0, 1). Raises ValueError."""
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a number (expected fractions such as 0.5 or 0,0.3,0.5)") from None
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{item} is not in the range 0<=x<1")
+        values.append(value)
+    return tuple(dict.fromkeys(values))

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+import nnc_tool
 from nnc_tool.batch import Outcome, encode_many, encode_one, output_paths
 from nnc_tool.bench import runner
 from nnc_tool.bench.gates import Gates, check_report, check_sweep, summarize
@@ -696,3 +697,26 @@ def test_a_reader_that_stops_early_ends_info_quietly(tmp_path: Path, samples_dir
     stderr = process.stderr.read()
     assert process.wait(timeout=60) == 128 + signal.SIGPIPE
     assert stderr == b""
+
+
+def test_help_and_info_start_without_the_encoders_stack(tmp_path: Path, samples_dir: Path) -> None:
+    """`nnc --help` imports neither numpy nor onnx; `nnc info` and `nnc decode` not onnxruntime,
+    torch or the encoder (nnc_tool.api): start-up is what those commands mostly cost."""
+    stream = tmp_path / "lenet.nnc"
+    nnc_tool.encode(samples_dir / "lenet.onnx", stream)
+    probe = (
+        "import sys, runpy\n"
+        "sys.argv = ['nnc'] + sys.argv[1:]\n"
+        "try:\n    runpy.run_module('nnc_tool.cli', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = ('numpy', 'onnx', 'onnxruntime', 'torch', 'nnc_tool.api', 'nnc_tool.quantize.allocation')\n"
+        "print('imported:', *(m for m in heavy if m in sys.modules))\n"
+    )
+
+    def imported(*args: str) -> set[str]:
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=ROOT, check=True)
+        return set(done.stdout.rsplit("imported:", 1)[1].split())
+
+    assert imported("--help") == set()
+    assert imported("info", str(stream)) == {"numpy", "onnx"}
+    assert imported("decode", str(stream), "-o", str(tmp_path / "rebuilt.onnx"), "-q") == {"numpy", "onnx"}

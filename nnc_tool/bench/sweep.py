@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UsageError
+from ..units import parse_sparsities  # noqa: F401 - where sweeps take them from
 from ..inputs import ModelInputs
 from ..quantize.uniform import QuantSettings
 from .runner import BenchReport, LatencyStats, bench, compare_outputs, prepare_reference
@@ -67,21 +68,6 @@ def parse_sweep(text: str) -> SweepAxis:
     if outside:
         raise UsageError(None, f"--sweep {name} values must lie in [{low}, {high}], got {outside[0]}")
     return SweepAxis(name, values)
-
-
-def parse_sparsities(text: str) -> tuple[float, ...]:
-    """`0,0.3,0.5` -> (0.0, 0.3, 0.5); every value in [0, 1). Raises ValueError."""
-    values = []
-    for item in text.split(","):
-        item = item.strip()
-        try:
-            value = float(item)
-        except ValueError:
-            raise ValueError(f"{item!r} is not a number (expected fractions such as 0.5 or 0,0.3,0.5)") from None
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{item} is not in the range 0<=x<1")
-        values.append(value)
-    return tuple(dict.fromkeys(values))
 
 
 @dataclass

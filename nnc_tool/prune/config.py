@@ -5,11 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-METHODS = ("unstructured", "nm", "structured", "depth")
-SCOPES = ("layer", "global")
-NM_GRANULARITIES = ("weight", "kernel")
-IMPORTANCES = ("l1", "l2", "bn", "random", "activation", "shapley")
-ALLOCATIONS = ("uniform", "global", "sensitivity")
+from ..defaults import ALLOCATIONS, IMPORTANCES, METHODS, NM_GRANULARITIES, SCOPES  # noqa: F401 - re-exported
 NEEDS_CALIBRATION = frozenset({"activation", "shapley"})
 
 

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..defaults import FULL_CALIBRATION_PARAMETERS
 from ..fileio import release_pages
 from ..graph.activation_stats import ChannelMoments, conv_input_second_moments, layer_inputs
 from ..graph.measured_stats import measure_channel_moments
@@ -95,10 +96,6 @@ SENSITIVITY_BUDGET = 32 << 20
 MIN_SENSITIVITY_SAMPLES = 4
 # Patch rows per Hessian column beyond which a convolution's output positions are subsampled.
 HESSIAN_ROWS_PER_COLUMN = 32
-# calibration_mode "auto": models with more weight parameters than this use "fast"
-# calibration. Digits ResNet-18 (11.2 M): "full" encodes in 4-5 s at BD-rate -33.6 % vs NNCodec,
-# "fast" in about 0.7 s at -25 %; the sample models (under 0.2 M) take well under a second "full".
-FULL_CALIBRATION_PARAMETERS = 2_000_000
 # plan_quantization's cache entry for fast calibration's measured moments (api.prepare_model
 # fills it in while BatchNorm is folded).
 MEASURED_MOMENTS = "measured_moments"

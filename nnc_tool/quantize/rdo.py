@@ -66,10 +66,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..defaults import DEFAULT_KERNEL_CORRELATION
+
 # Lambda scale c in lambda = c * step^2 (bits are in bits, distortion in squared steps).
 DEFAULT_LAMBDA = 0.12
-# Assumed correlation of horizontally or vertically adjacent inputs of a convolution kernel.
-DEFAULT_KERNEL_CORRELATION = 0.3
 # Kernels of more taps than this are rounded to nearest (one Python step per tap).
 MAX_KERNEL_TAPS = 64
 # Error feedback runs in float32: levels (and the values feedback moves) stay exact below this.

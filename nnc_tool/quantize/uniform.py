@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..defaults import CALIBRATION_MODES, MAX_KERNEL_CORRELATION
 from ..model import TensorRole
 from .rdo import (
     DEFAULT_KERNEL_CORRELATION, DEFAULT_LAMBDA, EXACT_LEVELS, MAX_KERNEL_TAPS, kernel_feedback_reach, kernel_feedback_round, rdo_round,
@@ -27,11 +28,6 @@ DEPENDENT_MIN_VALUES = 1024
 # (or it holds huge outliers); it is coded losslessly instead.
 MAX_LEVEL = 1 << 40
 QP_RANGE = (-256, 255)
-# Beyond this the assumed tap correlation matrix is too close to singular to invert usefully.
-MAX_KERNEL_CORRELATION = 0.95
-
-
-CALIBRATION_MODES = ("auto", "full", "fast")
 
 
 @dataclass(frozen=True)
