@@ -20,11 +20,9 @@ wheels with pip.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
-import pkgutil
 import subprocess
 import sys
 import tempfile
@@ -38,8 +36,8 @@ import numpy as np
 # The checkout's own nnc_tool (not whichever one is installed) and the zoo package beside this file.
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-import zoo.models  # noqa: E402
 from zoo.base import ZooModel, cache_dir  # noqa: E402
+from zoo.registry import discover, one_line  # noqa: E402
 from zoo.onnx_eval import sample_count  # noqa: E402
 
 import nnc_tool  # noqa: E402
@@ -49,26 +47,6 @@ from nnc_tool.fileio import atomic_output  # noqa: E402
 DEFAULT_QPS = (-44, -38, -32, -26, -20)
 DEFAULT_QP = -38  # nnc encode's default
 DEFAULT_FLOOR_DB = verify.DEFAULT_FLOOR_DB  # what nnc encode without --qp also keeps on its probes
-
-
-def one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or "(no message)"
-    return f"{type(err).__name__}: {text}"
-
-
-def discover() -> tuple[list[tuple[str, ZooModel]], list[tuple[str, str]]]:
-    """(module name, model) for every module that defines MODEL, and (module name, error) for the rest."""
-    found, broken = [], []
-    for info in sorted(pkgutil.iter_modules(zoo.models.__path__), key=lambda i: i.name):
-        try:
-            module = importlib.import_module(f"zoo.models.{info.name}")
-            model = getattr(module, "MODEL")
-            if not isinstance(model, ZooModel):
-                raise TypeError(f"MODEL is a {type(model).__name__}, not a ZooModel")
-            found.append((info.name, model))
-        except Exception as err:  # one broken module must not stop the others
-            broken.append((info.name, one_line(err)))
-    return found, broken
 
 
 def file_bytes(path: Path) -> int:

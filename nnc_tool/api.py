@@ -23,7 +23,7 @@ from .bench.runner import compare_outputs
 from .bitstream import container
 from .bitstream.container import UnitType
 from .coding.pack import encode_pack, is_packable
-from .coding.tensors import coded_levels, encode_tensor, is_quantized, reconstruction
+from .coding.tensors import Coding, coded_levels, encode_tensor, exact_coding, is_quantized, reconstruction
 from .decoder import (  # noqa: F401 - the reading side is part of this API too
     DecodeReport,
     StreamInfo,
@@ -45,6 +45,7 @@ from .graph.activation_stats import ChannelMoments, channel_moments
 from .graph.measured_stats import measure_channel_moments
 from .inputs import ModelInputs, as_model_inputs, calibration_inputs, run_model
 from .model import Model, Tensor
+from .parallel import ordered_map
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorms
 from .quantize.allocation import FOLD_ROWS, FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization
@@ -129,7 +130,8 @@ def write_bitstream(
     and, without calibration data, Kronecker error feedback. `refinements` (tensor -> QPs finer,
     None for exact) are the self-check's repairs (nnc_tool/verify.py). `rebuilt`, when given, is
     filled with the tensors as the decoder will rebuild them (its dequantization, no entropy
-    decoding), for the self-check.
+    decoding), for the self-check. The summary's tensor reports carry no role reasons: `encode`
+    adds them (decoder.explain_roles) once, for the report it returns.
     """
     options = options or EncodeOptions()
     plan = plan_quantization(model, options, calibration, cache=plan_cache, moments=moments, refinements=refinements)
@@ -160,9 +162,16 @@ def write_bitstream(
         if is_packable(tensor, is_quantized(tensor, plan.settings_for(tensor, options), plan.quantized.get(tensor.name)))
     ]
     pack = container.frame_unit(UnitType.PACK, encode_pack(packed)) if packed else b""
+    in_pack = {index for index, _ in packed}
+    float_groups = any(
+        index not in in_pack and exact_coding(t.dtype) == Coding.FLOAT_GROUPS
+        and not is_quantized(t, plan.settings_for(t, options), plan.quantized.get(t.name))
+        for index, t in enumerate(model.tensors)
+    )
+    minor = container.FLOAT_GROUPS_MINOR if float_groups else container.PACK_MINOR if packed else 0
     written = 0
     for part in (
-        container.stream_header(container.PACK_MINOR if packed else 0),
+        container.stream_header(minor),
         container.frame_unit(UnitType.PARAMETER_SET, container.parameter_set_payload(parameters)),
         container.frame_unit(UnitType.TOPOLOGY, topology),
         pack,
@@ -175,27 +184,32 @@ def write_bitstream(
     done = len(packed)
     if progress is not None and done:
         progress(done, len(model.tensors))
+
+    def code(job: tuple[Tensor, QuantSettings, object]) -> tuple[bytes, np.ndarray | None]:
+        tensor, settings, levels = job
+        levels = coded_levels(tensor, settings, levels)
+        return encode_tensor(tensor, settings, levels), None if rebuilt is None else reconstruction(tensor, levels)
+
+    # Tensors are coded side by side, a few ahead of the one being written (nnc_tool/parallel.py).
+    jobs = ((t, plan.settings_for(t, options), plan.quantized.pop(t.name, None))
+            for index, t in enumerate(model.tensors) if reports[index] is None)
+    coded = ordered_map(code, jobs, "tensors")
     for index, tensor in enumerate(model.tensors):
         if reports[index] is not None:
             if rebuilt is not None:
                 rebuilt.append(Tensor(tensor.name, tensor.array, tensor.role))
             continue
-        settings = plan.settings_for(tensor, options)
-        levels = coded_levels(tensor, settings, plan.quantized.pop(tensor.name, None))
-        payload = encode_tensor(tensor, settings, levels)
+        payload, array = next(coded)
         if rebuilt is not None:
-            rebuilt.append(Tensor(tensor.name, reconstruction(tensor, levels), tensor.role))
-        del levels
+            rebuilt.append(Tensor(tensor.name, array, tensor.role))
         release_pages(tensor.array)
-        unit = container.frame_unit(UnitType.DATA, payload)
-        sink.write(unit)
-        written += len(unit)
-        reports[index] = describe_data_unit(memoryview(payload), len(unit))
-        del payload, unit
+        size = container.write_unit(sink, UnitType.DATA, payload)
+        written += size
+        reports[index] = describe_data_unit(memoryview(payload), size)
+        del payload, array
         done += 1
         if progress is not None:
             progress(done, len(model.tensors))
-    explain_roles(model.format, model.topology, reports)
     return StreamSummary(written, len(topology), reports, plan.corrected, plan.compensated, plan.calibration_mode)
 
 
@@ -368,6 +382,8 @@ def encode(
                         ready, sink, rebuilt, summary, options, original_bytes, calibration, plan_cache,
                         moments, min_snr_db, model_path, floor_snr_db,
                     )
+    # Why each tensor has its role, for the report (recomputed from the topology: not in the stream).
+    explain_roles(model.format, model.topology, summary.tensors)
     return EncodeReport(
         input=str(model_path),
         output=None if output_path is None else str(output_path),

@@ -20,6 +20,7 @@ from .errors import BitstreamError, NncError, UsageError
 from .fileio import same_file
 from .formats import FORMATS, check_output_suffix, model_files, role_reasons, write_model
 from .model import Model, Tensor, TensorRole
+from .parallel import ordered_map
 
 
 @dataclass
@@ -85,8 +86,9 @@ def decompress_model(data: bytes | memoryview) -> Model:
     if pack is not None:
         for position, tensor in zip(pack.positions, pack.tensors):
             tensors[position] = tensor
-    others = iter(data_units)
-    tensors = [tensor if tensor is not None else decode_tensor(next(others).payload) for tensor in tensors]
+    # Tensors decode side by side (nnc_tool/parallel.py), in order.
+    decoded = ordered_map(decode_tensor, [unit.payload for unit in data_units], "tensors")
+    tensors = [tensor if tensor is not None else next(decoded) for tensor in tensors]
     metadata = parameters.get("metadata", {})
     if not isinstance(metadata, dict):
         raise BitstreamError(None, "parameter set has malformed metadata")

@@ -24,10 +24,11 @@ from functools import lru_cache
 from ..errors import BitstreamError
 
 MAGIC = b"\x8bNNC\r\n\x1a\n"
-# Minor 1 added the pack unit; an encoder writes minor 0 when a stream has none, so such
-# streams stay readable by 2.0 decoders.
-VERSION = (2, 1)
+# Minor 1 added the pack unit, minor 2 the float-groups coding of data units; an encoder writes
+# the lowest minor whose features the stream uses, so older decoders still read what they can.
+VERSION = (2, 2)
 PACK_MINOR = 1
+FLOAT_GROUPS_MINOR = 2
 _UNIT_HEAD = struct.Struct("<BI")
 _CRC = struct.Struct("<I")
 # A parameter set or topology larger than this is not something we wrote.
@@ -79,6 +80,16 @@ def frame_unit(unit_type: UnitType, payload: bytes) -> bytes:
     head = _UNIT_HEAD.pack(unit_type, len(payload))
     crc = zlib.crc32(payload, zlib.crc32(head))
     return head + payload + _CRC.pack(crc)
+
+
+def write_unit(sink, unit_type: UnitType, payload: bytes) -> int:
+    """Write one framed unit to `sink` without joining it in memory first (a data unit can be
+    most of a model); returns the bytes written."""
+    head = _UNIT_HEAD.pack(unit_type, len(payload))
+    sink.write(head)
+    sink.write(payload)
+    sink.write(_CRC.pack(zlib.crc32(payload, zlib.crc32(head))))
+    return len(head) + len(payload) + _CRC.size
 
 
 def parameter_set_payload(parameters: dict) -> bytes:

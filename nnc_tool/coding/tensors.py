@@ -16,6 +16,7 @@ from ..bitstream.primitives import ByteReader, ByteWriter
 from ..errors import BitstreamError
 from ..model import DTYPE_CODES, DTYPE_NAMES, FLOAT_DTYPES, Tensor, TensorRole, numpy_dtype
 from ..quantize.uniform import QP_RANGE, Quantized, QuantSettings, dequantize, quantize, step_for_qp
+from .float_groups import decode_float_groups, encode_float_groups
 from .integers import MAX_VALUES, StreamStats, decode_integers, encode_integers
 from .names import read_name, write_name
 
@@ -35,6 +36,7 @@ class Coding(enum.IntEnum):
     QUANTIZED = 0  # uniform levels of a float tensor
     INT_VALUES = 1  # integer/bool tensor, its values coded directly (lossless)
     BYTE_PLANES = 2  # any tensor bit-exactly, each byte of the element coded as its own stream
+    FLOAT_GROUPS = 3  # a float tensor bit-exactly in regrouped byte planes (coding/float_groups.py)
 
 
 @dataclass
@@ -84,7 +86,9 @@ def reconstruction(tensor: Tensor, quantized: Quantized | None) -> np.ndarray:
 
 def exact_coding(dtype: str) -> Coding:
     """How a tensor of `dtype` is coded bit-exactly."""
-    return Coding.INT_VALUES if dtype not in FLOAT_DTYPES and dtype != "uint64" else Coding.BYTE_PLANES
+    if dtype in FLOAT_DTYPES:
+        return Coding.FLOAT_GROUPS
+    return Coding.BYTE_PLANES if dtype == "uint64" else Coding.INT_VALUES
 
 
 def encode_tensor(tensor: Tensor, settings: QuantSettings, quantized: Quantized | None = None) -> bytes:
@@ -129,6 +133,8 @@ def encode_tensor(tensor: Tensor, settings: QuantSettings, quantized: Quantized 
         writer.raw(encode_integers(levels))
     elif coding == Coding.INT_VALUES:
         writer.raw(encode_integers(array))
+    elif coding == Coding.FLOAT_GROUPS:
+        writer.raw(encode_float_groups(array))
     else:
         planes = byte_planes(array)
         for plane in planes[:-1]:
@@ -174,6 +180,8 @@ def read_header(reader: ByteReader) -> TensorHeader:
         raise BitstreamError(None, f"tensor '{name}' codes {header.dtype} values as integers")
     elif header.coding == Coding.BYTE_PLANES and header.dtype == "bool":
         raise BitstreamError(None, f"tensor '{name}' codes bool values as byte planes")
+    elif header.coding == Coding.FLOAT_GROUPS and header.dtype not in FLOAT_DTYPES:
+        raise BitstreamError(None, f"tensor '{name}' codes {header.dtype} values as float groups")
     return header
 
 
@@ -194,6 +202,8 @@ def decode_tensor(payload: bytes | memoryview, stats: StreamStats | None = None)
     elif header.coding == Coding.INT_VALUES:
         values = decode_integers(reader.raw(reader.remaining), header.shape, stats)
         array = cast_integers(values, target, header.name).reshape(header.shape)
+    elif header.coding == Coding.FLOAT_GROUPS:
+        array = decode_float_groups(reader.raw(reader.remaining), target, header.shape, header.name, stats)
     else:
         planes = [decode_integers(reader.blob(), header.shape, stats) for _ in range(target.itemsize - 1)]
         planes.append(decode_integers(reader.raw(reader.remaining), header.shape, stats))
