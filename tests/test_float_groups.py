@@ -60,8 +60,8 @@ def test_chunks_are_cut_and_rejoined_in_order(monkeypatch) -> None:
     stats = StreamStats()
     back = decode_float_groups(memoryview(payload), array.dtype, array.shape, "t", stats)
     assert back.tobytes() == array.tobytes()
-    # 10 chunks x 4 planes; the exponent plane is Huffman-coded, the low mantissa bytes stored.
-    assert sum(stats.methods.values()) == 40 and stats.methods["huffman"] >= 10
+    # 10 chunks x 4 planes; the exponent plane is zstd-coded, the low mantissa bytes stored.
+    assert sum(stats.methods.values()) == 40 and stats.methods["zstd"] >= 10
     assert stats.side_bytes + stats.payload_bytes == len(payload)
 
 
@@ -69,9 +69,23 @@ def test_trained_like_weights_shrink_by_their_exponent_redundancy() -> None:
     array = (np.random.default_rng(0).standard_normal(100_000) * 0.05).astype(np.float32)
     payload = encode_float_groups(array)
     # Gaussian weights: exponent plane ~2.4 bits, mantissa and sign ~24 bits: about 1.2x.
-    assert len(payload) == 332_214
+    assert len(payload) == 332_394
     bf16 = array.astype(ml_dtypes.bfloat16)
-    assert len(encode_float_groups(bf16)) == 132_205  # 1.51x: the 7 mantissa bits and the sign stay
+    assert len(encode_float_groups(bf16)) == 132_380  # 1.51x: the 7 mantissa bits and the sign stay
+
+
+def test_a_plane_that_uses_few_bit_positions_costs_only_those_bits() -> None:
+    """Weights kept with 16 mantissa bits and one more (crepe's float32: the low byte is 0 or 128)."""
+    values = (np.random.default_rng(1).standard_normal(1 << 16) * 0.05).astype(np.float32)
+    bits = values.view(np.uint32) & np.uint32(0xFFFFFF80)
+    truncated = bits.view(np.float32)
+    stats = StreamStats()
+    payload = encode_float_groups(truncated)
+    back = decode_float_groups(memoryview(payload), truncated.dtype, truncated.shape, "t", stats)
+    assert back.tobytes() == truncated.tobytes()
+    assert stats.methods["bits"] == 1
+    # The low plane: 1 mask byte + 8192 bytes of bit 7 (zstd's literals would take 1.5 bits per value).
+    assert len(payload) < len(encode_float_groups(values)) - 7 * (1 << 16) // 8 + 64
 
 
 def test_the_bytes_do_not_depend_on_the_threads(monkeypatch) -> None:
@@ -130,21 +144,23 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "lengths", "deflate", "stored length", "huge chunk"])
+@pytest.mark.parametrize("damage", ["truncated", "lengths", "zstd", "stored length", "reserved method", "huge chunk"])
 def test_damaged_payloads_are_refused(damage: str) -> None:
     array = _weights(4096, np.dtype(np.float32))
     head, entries, body = _payload_parts(array)
     if damage == "truncated":
         payload = head + b"".join(map(_varint, entries)) + body[:-1]
     elif damage == "lengths":
-        payload = head + b"".join(map(_varint, [entries[0] - 2, entries[1] + 2] + entries[2:])) + body
-    elif damage == "deflate":
-        assert entries[0] & 1  # the exponent plane is Huffman-coded
-        length = entries[0] >> 1
+        payload = head + b"".join(map(_varint, [entries[0] - 4, entries[1] + 4] + entries[2:])) + body
+    elif damage == "zstd":
+        assert entries[0] & 3 == 1  # the exponent plane is zstd-coded
+        length = entries[0] >> 2
         payload = head + b"".join(map(_varint, entries)) + bytes(length) + body[length:]
     elif damage == "stored length":
-        assert not entries[3] & 1
-        payload = head + b"".join(map(_varint, entries[:3] + [(entries[3] >> 1) - 1 << 1])) + body[:-1]
+        assert entries[3] & 3 == 0
+        payload = head + b"".join(map(_varint, entries[:3] + [(entries[3] >> 2) - 1 << 2])) + body[:-1]
+    elif damage == "reserved method":
+        payload = head + b"".join(map(_varint, entries[:3] + [entries[3] | 3])) + body
     else:
         payload = bytes([40]) + b"".join(map(_varint, entries)) + body
     with pytest.raises(BitstreamError):
