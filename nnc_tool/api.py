@@ -22,7 +22,7 @@ from . import __version__
 from .bench.runner import compare_outputs
 from .bitstream import container
 from .bitstream.container import UnitType
-from .coding.pack import encode_pack, is_packable
+from .coding.pack import encode_pack, is_packable, uses_float_groups
 from .coding.tensors import Coding, coded_levels, encode_tensor, exact_coding, is_quantized, reconstruction
 from .decoder import (  # noqa: F401 - the reading side is part of this API too
     DecodeReport,
@@ -168,6 +168,7 @@ def write_bitstream(
         and not is_quantized(t, plan.settings_for(t, options), plan.quantized.get(t.name))
         for index, t in enumerate(model.tensors)
     )
+    float_groups = float_groups or uses_float_groups(packed)
     minor = container.FLOAT_GROUPS_MINOR if float_groups else container.PACK_MINOR if packed else 0
     written = 0
     for part in (

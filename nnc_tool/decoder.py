@@ -78,7 +78,7 @@ def decompress_model(data: bytes | memoryview) -> Model:
     expected = parameters.get("tensor_count")
     if not isinstance(expected, int) or isinstance(expected, bool) or expected < 0:
         raise BitstreamError(None, "parameter set has a malformed tensor_count")
-    pack, data_units = _split_pack(units, expected)
+    pack, data_units = _split_pack(units, expected, container.stream_minor(data))
     present = len(data_units) + (len(pack.tensors) if pack else 0)
     if expected != present:
         raise BitstreamError(None, f"bitstream is truncated: {present} of {expected} tensors present")
@@ -129,7 +129,7 @@ def info(bitstream_path: str | os.PathLike, entropy: bool = False) -> StreamInfo
         units = list(container.iter_units(data))
         parameters, topology = _side_units(units)
         described = [UnitInfo(u.type.name.lower(), u.offset, u.size) for u in units[:2]]
-        pack, data_units = _split_pack(units, parameters.get("tensor_count"))
+        pack, data_units = _split_pack(units, parameters.get("tensor_count"), container.stream_minor(data))
         if pack is not None:
             shares = even_shares(units[2].size, len(pack.tensors))
             described.append(UnitInfo("pack", units[2].offset, units[2].size,
@@ -187,14 +187,15 @@ def _side_units(units: list[container.Unit]) -> tuple[dict, bytes]:
         raise BitstreamError(None, f"bitstream holds an unknown model format {parameters.get('format')!r}")
     return parameters, container.parse_topology(units[1].payload)
 
-def _split_pack(units: list[container.Unit], tensor_count) -> tuple[DecodedPack | None, list[container.Unit]]:
+def _split_pack(units: list[container.Unit], tensor_count, minor: int) -> tuple[DecodedPack | None, list[container.Unit]]:
     """The decoded pack unit (if the stream has one, right after the topology) and the data units."""
     if len(units) < 3 or units[2].type != UnitType.PACK:
         return None, units[2:]
     if not isinstance(tensor_count, int) or isinstance(tensor_count, bool):
         raise BitstreamError(None, "parameter set has a malformed tensor_count")
     # Every tensor outside the pack has a data unit: this bounds the positions a pack may name.
-    return decode_pack(units[2].payload, min(tensor_count, len(units) - 3 + MAX_PACKED_TENSORS)), units[3:]
+    count = min(tensor_count, len(units) - 3 + MAX_PACKED_TENSORS)
+    return decode_pack(units[2].payload, count, float_groups=minor >= container.FLOAT_GROUPS_MINOR), units[3:]
 
 
 def even_shares(total: int, count: int) -> list[int]:

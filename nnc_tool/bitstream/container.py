@@ -186,6 +186,11 @@ def _decompress(payload: memoryview, what: str, limit: int) -> bytes:
     raise BitstreamError(None, f"{what} unit has unknown compression {method}")
 
 
+def stream_minor(data: bytes | memoryview) -> int:
+    """The minor version of a stream whose header `iter_units` has checked."""
+    return memoryview(data)[len(MAGIC) + 1]
+
+
 def iter_units(data: bytes | memoryview) -> Iterator[Unit]:
     """Check the stream header, then yield units after checking each one's length and CRC."""
     view = memoryview(data)

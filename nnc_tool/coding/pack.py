@@ -18,7 +18,8 @@ import numpy as np
 from ..bitstream.container import compressed_payload, decompressed_payload
 from ..bitstream.primitives import ByteReader, ByteWriter
 from ..errors import BitstreamError
-from ..model import DTYPE_CODES, DTYPE_NAMES, Tensor, TensorRole, numpy_dtype
+from ..model import DTYPE_CODES, DTYPE_NAMES, FLOAT_DTYPES, Tensor, TensorRole, numpy_dtype
+from .float_groups import decode_float_groups, encode_float_groups
 from .integers import StreamStats, decode_integers, encode_integers
 from .names import MAX_NAME_BYTES, read_name, write_name
 from .tensors import MAX_NDIM, Coding, byte_planes, cast_integers, exact_coding, from_byte_planes
@@ -79,14 +80,23 @@ def encode_pack(entries: list[tuple[int, Tensor]]) -> bytes:
                 writer.blob(encode_integers(half))
         elif exact_coding(DTYPE_NAMES[code]) == Coding.INT_VALUES:
             writer.blob(encode_integers(values.astype(np.int64)))
+        elif exact_coding(DTYPE_NAMES[code]) == Coding.FLOAT_GROUPS:
+            writer.blob(encode_float_groups(values))
         else:
             for plane in byte_planes(values):
                 writer.blob(encode_integers(plane))
     return writer.getvalue()
 
 
-def decode_pack(payload: bytes | memoryview, tensor_count: int, stats: StreamStats | None = None) -> DecodedPack:
-    """Rebuild the tensors of a pack unit in a model of `tensor_count` tensors (`stats`: the values' streams)."""
+def uses_float_groups(entries: list[tuple[int, Tensor]]) -> bool:
+    """Whether `encode_pack` codes float values (in float groups, a 2.2 feature) for these tensors."""
+    return any(tensor.dtype in FLOAT_DTYPES and tensor.array.size for _, tensor in entries)
+
+
+def decode_pack(payload: bytes | memoryview, tensor_count: int, stats: StreamStats | None = None,
+                float_groups: bool = True) -> DecodedPack:
+    """Rebuild the tensors of a pack unit in a model of `tensor_count` tensors (`stats`: the values'
+    streams); `float_groups`: float values are in float groups (2.2 streams), else byte planes (2.1)."""
     reader = ByteReader(payload, "pack unit")
     count = reader.varint(min(max(tensor_count, 0), MAX_PACKED_TENSORS))
     if count == 0:
@@ -128,6 +138,8 @@ def decode_pack(payload: bytes | memoryview, tensor_count: int, stats: StreamSta
             values = _int64_from_halves(high, low)
         elif exact_coding(DTYPE_NAMES[code]) == Coding.INT_VALUES:
             values = cast_integers(decode_integers(reader.blob(), total, stats), dtype, f"packed {DTYPE_NAMES[code]}")
+        elif float_groups and exact_coding(DTYPE_NAMES[code]) == Coding.FLOAT_GROUPS:
+            values = decode_float_groups(reader.blob(), dtype, (total,), f"packed {DTYPE_NAMES[code]}", stats)
         else:
             planes = [decode_integers(reader.blob(), total, stats) for _ in range(dtype.itemsize)]
             values = from_byte_planes(planes, dtype, (total,))

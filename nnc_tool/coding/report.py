@@ -69,7 +69,8 @@ def stream_entropy_report(data: bytes | memoryview) -> dict:
         if unit.type == UnitType.PARAMETER_SET:
             parameters = container.parse_parameter_set(unit.payload)
         if unit.type == UnitType.PACK:
-            _add_row(report, _pack_row(unit, parameters.get("tensor_count")))
+            float_groups = container.stream_minor(view) >= container.FLOAT_GROUPS_MINOR
+            _add_row(report, _pack_row(unit, parameters.get("tensor_count"), float_groups))
             continue
         if unit.type != UnitType.DATA:
             report["container_bytes"] += unit.size
@@ -108,12 +109,12 @@ def stream_entropy_report(data: bytes | memoryview) -> dict:
     return report
 
 
-def _pack_row(unit: container.Unit, tensor_count) -> dict:
+def _pack_row(unit: container.Unit, tensor_count, float_groups: bool) -> dict:
     """The pack unit as one row: its names, its headers (positions, descriptors, shapes) and the values' streams."""
     if not isinstance(tensor_count, int) or isinstance(tensor_count, bool):
         raise BitstreamError(None, "parameter set has a malformed tensor_count")
     stats = StreamStats()
-    pack = decode_pack(unit.payload, tensor_count, stats)
+    pack = decode_pack(unit.payload, tensor_count, stats, float_groups)
     header_bytes = len(unit.payload) - pack.name_bytes - stats.side_bytes - stats.payload_bytes
     if header_bytes < 0:
         raise BitstreamError(None, "pack unit accounting does not add up")
