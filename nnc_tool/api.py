@@ -163,12 +163,12 @@ def write_bitstream(
     ]
     pack = container.frame_unit(UnitType.PACK, encode_pack(packed)) if packed else b""
     in_pack = {index for index, _ in packed}
-    float_groups = any(
+    exact_floats = any(
         index not in in_pack and exact_coding(t.dtype) == Coding.FLOAT_GROUPS
         and not is_quantized(t, plan.settings_for(t, options), plan.quantized.get(t.name))
         for index, t in enumerate(model.tensors)
     )
-    float_groups = float_groups or uses_float_groups(packed)
+    float_groups = exact_floats or uses_float_groups(packed)
     minor = container.FLOAT_GROUPS_MINOR if float_groups else container.PACK_MINOR if packed else 0
     written = 0
     for part in (
@@ -191,10 +191,12 @@ def write_bitstream(
         levels = coded_levels(tensor, settings, levels)
         return encode_tensor(tensor, settings, levels), None if rebuilt is None else reconstruction(tensor, levels)
 
-    # Tensors are coded side by side, a few ahead of the one being written (nnc_tool/parallel.py).
+    # Exact float tensors are coded side by side, a few ahead of the one being written
+    # (nnc_tool/parallel.py): zstd and numpy release the GIL. Quantized coding holds it, and
+    # threads made it slower (PP-OCR recognizer 0.51 -> 0.68 s), so a lossy stream is coded in turn.
     jobs = ((t, plan.settings_for(t, options), plan.quantized.pop(t.name, None))
             for index, t in enumerate(model.tensors) if reports[index] is None)
-    coded = ordered_map(code, jobs, "tensors")
+    coded = ordered_map(code, jobs, "tensors" if exact_floats else None)
     for index, tensor in enumerate(model.tensors):
         if reports[index] is not None:
             if rebuilt is not None:

@@ -27,10 +27,11 @@ def pool(level: str) -> ThreadPoolExecutor:
     return _pools[level]
 
 
-def ordered_map(function: Callable[[T], R], items: Iterable[T], level: str, ahead: int = WORKERS) -> Iterator[R]:
+def ordered_map(function: Callable[[T], R], items: Iterable[T], level: str | None, ahead: int = WORKERS) -> Iterator[R]:
     """`function` over `items` on the level's pool, at most `ahead` in flight (memory stays near
-    that many results), yielded in input order. With one worker, everything runs on the caller."""
-    if WORKERS == 1:
+    that many results), yielded in input order. With one worker or no level, everything runs on
+    the caller."""
+    if WORKERS == 1 or level is None:
         yield from map(function, items)
         return
     executor = pool(level)
