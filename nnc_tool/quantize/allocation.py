@@ -14,7 +14,7 @@ of a uniform `settings.qp` and a QP sweep still sweeps rate. QPs stay within qp 
 Where s_i comes from:
 - calibration data: s_i is measured by adding uniform noise (1 % of the tensor's RMS) to tensor i
   alone and measuring the output MSE on SENSITIVITY_SAMPLES inputs, fewer for models of over a
-  million parameters (one run per tensor; the single-probe estimate is noisy, up to 2-6x per
+  million parameters or whose runs cost more than SENSITIVITY_MACS together (one run per tensor; the single-probe estimate is noisy, up to 2-6x per
   tensor on ResNet-18, but the optimum is flat: its allocation keeps 7.04 of the 7.15 dB an
   8x-averaged estimate predicts). NONWEIGHT tensors (biases, norm parameters) are allocated the
   same way. Tensors that do not reach the output on the calibration data (s_i = 0, e.g.
@@ -59,6 +59,7 @@ import numpy as np
 from ..defaults import FULL_CALIBRATION_PARAMETERS
 from ..fileio import release_pages
 from ..graph.activation_stats import ChannelMoments, conv_input_second_moments, layer_inputs
+from ..graph.cost import multiply_accumulates
 from ..graph.measured_stats import measure_channel_moments
 from ..graph.onnx_util import attributes, cpu_session, name_uses
 from ..inputs import ModelInputs, ReplaceableSession, as_model_inputs, calibration_inputs, run_session
@@ -94,6 +95,14 @@ HESSIAN_SAMPLES = 256
 # -32.4 %, sensitivities in 1.5 s instead of 8.3 s; mobilenet with 4 inputs: -39.7 % vs -40.2 %.
 SENSITIVITY_BUDGET = 32 << 20
 MIN_SENSITIVITY_SAMPLES = 4
+# And by cost: past this many multiply-accumulates for all the runs together (graph/cost.py; a
+# count, not a timing, so the bytes do not depend on the machine) they use fewer inputs, down to
+# MIN_SENSITIVITY_SAMPLES. About 50 s of onnxruntime on this 2-core machine (~20 G/s): the layout
+# detector (486 tensors, 3.3 G per 800 x 608 page) took 632 s on 16 pages, now 4; the PP-OCR
+# detector (123 tensors x 1.1 G) 88 s on 12 inputs, now 7. One input is too few: the detector at
+# QP -32 fell from 51.1 to 22.3 dB (4 inputs: 50.9 dB; the recognizer at -38: 49.2 dB with 16,
+# 43.7 with 4, 47.2 with 2 - the estimate is noisy, not biased).
+SENSITIVITY_MACS = 1e12
 # Patch rows per Hessian column beyond which a convolution's output positions are subsampled.
 HESSIAN_ROWS_PER_COLUMN = 32
 # plan_quantization's cache entry for fast calibration's measured moments (api.prepare_model
@@ -144,6 +153,18 @@ def sensitivity_samples(model: Model) -> int:
     return int(np.clip(SENSITIVITY_BUDGET // max(parameters, 1), MIN_SENSITIVITY_SAMPLES, SENSITIVITY_SAMPLES))
 
 
+def affordable_samples(model: Model, calibration: ModelInputs) -> int:
+    """Inputs per sensitivity run that keep all the runs within SENSITIVITY_MACS (at least
+    MIN_SENSITIVITY_SAMPLES); SENSITIVITY_SAMPLES when the model's cost cannot be counted."""
+    if model.format != "onnx" or not len(calibration):
+        return SENSITIVITY_SAMPLES
+    per_input = multiply_accumulates(model, calibration.feeds(0, 1))
+    runs = sum(1 for t in model.tensors if _quantizable(t))
+    if not per_input or not runs:
+        return SENSITIVITY_SAMPLES
+    return int(min(SENSITIVITY_SAMPLES, max(MIN_SENSITIVITY_SAMPLES, SENSITIVITY_MACS / (per_input * runs))))
+
+
 def measure_sensitivities(
     model: Model,
     calibration: ModelInputs | np.ndarray,
@@ -156,13 +177,17 @@ def measure_sensitivities(
     """s_i for every quantizable tensor: output MSE per unit noise variance added to all its values.
 
     One run of the model per tensor on the first `samples` calibration inputs (`run_model`,
-    default onnxruntime for ONNX models; default `sensitivity_samples(model)`); the output error
+    default onnxruntime for ONNX models; default the fewer of `sensitivity_samples(model)` and
+    `affordable_samples`); the output error
     is taken over every float output of the graph. Non-negative tensors
     (variances) get reflected noise so they stay non-negative; a run whose output is not finite is
     repeated with 10x smaller noise (twice), and a tensor that still breaks the model gets +inf.
     Deterministic for a given seed.
     """
-    x = calibration_inputs(calibration, model).head(sensitivity_samples(model) if samples is None else samples)
+    x = calibration_inputs(calibration, model)
+    if samples is None:
+        samples = min(sensitivity_samples(model), affordable_samples(model, x))
+    x = x.head(samples)
     probe = _callback_runner(run_model) if run_model is not None else _float_outputs
     # One session whose tensors are replaced run by run: a probe costs a run, not a session build.
     overridable = ReplaceableSession(model, _threads()) if run_model is None and model.format == "onnx" else None
