@@ -157,15 +157,12 @@ def write_bitstream(
         "encoder": f"nnc {__version__}",
     }
     topology = container.topology_payload(model.topology)
-    packed = [
-        (index, tensor) for index, tensor in enumerate(model.tensors)
-        if is_packable(tensor, is_quantized(tensor, plan.settings_for(tensor, options), plan.quantized.get(tensor.name)))
-    ]
+    quantized = [is_quantized(t, plan.settings_for(t, options), plan.quantized.get(t.name)) for t in model.tensors]
+    packed = [(index, tensor) for index, tensor in enumerate(model.tensors) if is_packable(tensor, quantized[index])]
     pack = container.frame_unit(UnitType.PACK, encode_pack(packed)) if packed else b""
     in_pack = {index for index, _ in packed}
     exact_floats = any(
-        index not in in_pack and exact_coding(t.dtype) == Coding.FLOAT_GROUPS
-        and not is_quantized(t, plan.settings_for(t, options), plan.quantized.get(t.name))
+        index not in in_pack and not quantized[index] and exact_coding(t.dtype) == Coding.FLOAT_GROUPS
         for index, t in enumerate(model.tensors)
     )
     float_groups = exact_floats or uses_float_groups(packed)

@@ -1,8 +1,8 @@
-"""Threads for coding work that releases the GIL (zlib, numpy, onnxruntime): one pool per level.
+"""Threads for work that releases the GIL (zstd, numpy, onnxruntime): one pool per level.
 
-Two levels, two pools: tensors of a model are coded side by side (`ordered_map` over
-TENSOR_POOL), and inside one tensor its chunks (coding/float_groups.py over CHUNK_POOL). A tensor
-job waits for its chunks, so they must not queue behind it in the same pool. Results come back in
+Each level has its own pool: tensors of a model coded side by side ("tensors"), the chunks inside
+one tensor (coding/float_groups.py, "chunks"), the self-check's model runs ("checks"). A tensor job
+waits for its chunks, so they must not queue behind it in the same pool. Results come back in
 input order and the bytes never depend on the number of threads.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ _pools: dict[str, ThreadPoolExecutor] = {}
 
 
 def pool(level: str) -> ThreadPoolExecutor:
-    """The process-wide pool of one level ("tensors" or "chunks"), made on first use."""
+    """The process-wide pool of one level ("tensors", "chunks", "checks"), made on first use."""
     if level not in _pools:
         _pools[level] = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=f"nnc-{level}")
     return _pools[level]

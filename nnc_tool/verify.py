@@ -36,15 +36,14 @@ written with a warning in the report.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .inputs import ModelInputs, ReplaceableSession, probe_inputs, run_model
 from .model import Model, Tensor, TensorRole
+from .parallel import ordered_map
 
 # Below the prediction by more than this, a result has collapsed (see the module docstring).
 COLLAPSE_MARGIN_DB = 10.0
@@ -70,8 +69,6 @@ DEFAULT_FLOOR_DB = 40.0
 CHECK_MAX_VALUES = 64 * 10**6
 # Groups split into this many parts while searching.
 SEARCH_FANOUT = 4
-# Culprit-search runs side by side (one onnxruntime thread each; the encoder waits meanwhile).
-SEARCH_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
@@ -293,21 +290,21 @@ class Checker:
         else:
             pending = _split(names, total_noise)
         runs = 0
-        with ThreadPoolExecutor(max_workers=SEARCH_THREADS) as pool:
-            while pending:
-                affordable, pending = pending[: max(0, max_runs - runs)], pending[max(0, max_runs - runs) :]
-                for group, inherited in pending:
-                    culprits.update({name: inherited for name in group})
-                noises = list(pool.map(lambda group: self.group_noise(changed, group), [g for g, _ in affordable]))
-                runs += len(affordable)
-                pending = []
-                for (group, _), noise in zip(affordable, noises):
-                    if noise <= harmless:
-                        continue
-                    if len(group) == 1:
-                        culprits[group[0]] = noise
-                    else:
-                        pending.extend(_split(group, noise))
+        while pending:
+            affordable, pending = pending[: max(0, max_runs - runs)], pending[max(0, max_runs - runs) :]
+            for group, inherited in pending:
+                culprits.update({name: inherited for name in group})
+            groups = [group for group, _ in affordable]
+            noises = ordered_map(lambda group: self.group_noise(changed, group), groups, "checks", ahead=len(groups))
+            runs += len(affordable)
+            pending = []
+            for group, noise in zip(groups, noises):
+                if noise <= harmless:
+                    continue
+                if len(group) == 1:
+                    culprits[group[0]] = noise
+                else:
+                    pending.extend(_split(group, noise))
         return culprits
 
 

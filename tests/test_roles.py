@@ -406,6 +406,17 @@ def build_stft_front_end(directory: Path) -> Path:
     return _save(graph, directory, "stft.onnx")
 
 
+def _save_projection(nodes: list, inits: list, directory: Path, name: str) -> Path:
+    """A graph x [2, 16] -> y [2, 8] (the normalisation tests' projections) saved as NAME.onnx."""
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        inits,
+    )
+    return _save(graph, directory, f"{name}.onnx")
+
+
 def build_l2_normalised_embedding(directory: Path) -> Path:
     """y = e / Sqrt(ReduceSum(e * e) + eps) with e = x @ proj.w: a normalisation, not a magnitude."""
     rng = np.random.default_rng(15)
@@ -422,13 +433,7 @@ def build_l2_normalised_embedding(directory: Path) -> Path:
         helper.make_node("Sqrt", ["sum.eps"], ["norm"]),
         helper.make_node("Div", ["e", "norm"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes, "l2_embedding",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
-        inits,
-    )
-    return _save(graph, directory, "l2.onnx")
+    return _save_projection(nodes, inits, directory, "l2_embedding")
 
 
 def _coloured_audio(seconds_frames: int) -> np.ndarray:
@@ -481,13 +486,7 @@ def build_projection_then_layernorm(directory: Path) -> Path:
         helper.make_node("Sqrt", ["var.eps"], ["std"]),
         helper.make_node("Div", ["centred", "std"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes, "projection_layernorm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
-        inits,
-    )
-    return _save(graph, directory, "projection_layernorm.onnx")
+    return _save_projection(nodes, inits, directory, "projection_layernorm")
 
 
 def test_a_layer_before_a_layernorm_or_an_l2_normalisation_is_no_filterbank(tmp_path: Path) -> None:

@@ -76,20 +76,24 @@ def stream_header(minor: int = VERSION[1]) -> bytes:
     return fixed + _CRC.pack(zlib.crc32(fixed))
 
 
-def frame_unit(unit_type: UnitType, payload: bytes) -> bytes:
+def _framing(unit_type: UnitType, payload: bytes) -> tuple[bytes, bytes]:
+    """A unit's head (type, length) and tail (CRC-32 of head and payload)."""
     head = _UNIT_HEAD.pack(unit_type, len(payload))
-    crc = zlib.crc32(payload, zlib.crc32(head))
-    return head + payload + _CRC.pack(crc)
+    return head, _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+
+
+def frame_unit(unit_type: UnitType, payload: bytes) -> bytes:
+    head, tail = _framing(unit_type, payload)
+    return head + payload + tail
 
 
 def write_unit(sink, unit_type: UnitType, payload: bytes) -> int:
     """Write one framed unit to `sink` without joining it in memory first (a data unit can be
     most of a model); returns the bytes written."""
-    head = _UNIT_HEAD.pack(unit_type, len(payload))
-    sink.write(head)
-    sink.write(payload)
-    sink.write(_CRC.pack(zlib.crc32(payload, zlib.crc32(head))))
-    return len(head) + len(payload) + _CRC.size
+    head, tail = _framing(unit_type, payload)
+    for part in (head, payload, tail):
+        sink.write(part)
+    return len(head) + len(payload) + len(tail)
 
 
 def parameter_set_payload(parameters: dict) -> bytes:

@@ -16,8 +16,8 @@ statistics along a tensor); unlike a Huffman code, zstd's matches also code the 
 weights stored with fewer significant bits below one bit per byte. Chunks are coded and decoded
 on every core (nnc_tool/parallel.py): zstd and numpy release the GIL.
 
-Payload: u8 log2(chunk values); then for each chunk, for each plane, a varint (length << 1 |
-zstd); then the chunks' bytes in that order.
+Payload: u8 log2(chunk values); then for each chunk, for each plane, a varint (length << 2 |
+method: stored, zstd or bits); then the chunks' bytes in that order.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from ..errors import BitstreamError
 from ..parallel import ordered_map
 from .integers import StreamStats
 
-# Values per chunk: large enough that deflate's block trees settle and a chunk's bookkeeping is
+# Values per chunk: large enough that zstd's block tables settle and a chunk's bookkeeping is
 # noise, small enough that a 10 M-value tensor keeps both cores busy.
 CHUNK_LOG2 = 20
 MAX_CHUNK_LOG2 = 26
@@ -173,7 +173,8 @@ def decode_float_groups(payload: memoryview, dtype: np.dtype, shape: tuple[int, 
     table_start = reader.position
     entries = [[reader.varint(1 << 62) for _ in range(width)] for _ in starts]
     lengths = [[entry >> _METHOD_BITS for entry in chunk] for chunk in entries]
-    if sum(map(sum, lengths)) != reader.remaining:
+    coded = sum(map(sum, lengths))
+    if coded != reader.remaining:
         raise BitstreamError(None, f"tensor '{name}' has chunk lengths that do not add up to its payload")
     if stats is not None:
         stats.side_bytes += reader.position - table_start + 1
@@ -205,7 +206,6 @@ def decode_float_groups(payload: memoryview, dtype: np.dtype, shape: tuple[int, 
 
     _map(rebuild, jobs, out.nbytes)
     if stats is not None:
-        coded = sum(map(sum, lengths))
         stats.payload_bytes += coded
         stats.ideal_bits += 8 * coded  # zstd's own tables are its model
         stats.values += count

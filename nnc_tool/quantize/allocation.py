@@ -14,9 +14,9 @@ of a uniform `settings.qp` and a QP sweep still sweeps rate. QPs stay within qp 
 Where s_i comes from:
 - calibration data: s_i is measured by adding uniform noise (1 % of the tensor's RMS) to tensor i
   alone and measuring the output MSE on SENSITIVITY_SAMPLES inputs, fewer for models of over a
-  million parameters or whose runs cost more than SENSITIVITY_MACS together (one run per tensor; the single-probe estimate is noisy, up to 2-6x per
-  tensor on ResNet-18, but the optimum is flat: its allocation keeps 7.04 of the 7.15 dB an
-  8x-averaged estimate predicts). NONWEIGHT tensors (biases, norm parameters) are allocated the
+  million parameters or whose runs cost more than SENSITIVITY_MACS together (one run per tensor;
+  the single-probe estimate is noisy, up to 2-6x per tensor on ResNet-18, but the optimum is
+  flat: its allocation keeps 7.04 of the 7.15 dB an 8x-averaged estimate predicts). NONWEIGHT tensors (biases, norm parameters) are allocated the
   same way. Tensors that do not reach the output on the calibration data (s_i = 0, e.g.
   mobilenet's dead squeeze-excitation branches) get the coarsest QP.
 - no data (the default): a proxy. Noise of relative size r = step / RMS(w) in a layer gives
