@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import time
@@ -51,7 +52,7 @@ from .quantize.fold import fold_batchnorms
 from .quantize.allocation import FOLD_ROWS, FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization
 from .ratecontrol import RateControlReport, RateTarget, Trial, search_qp
 from .verify import CHECK_MAX_VALUES, Checker, CheckReport, describe_refinements, repair, runnable
-from .quantize.uniform import QuantSettings, effective_nonweight_qp
+from .quantize.uniform import Quantized, QuantSettings, effective_nonweight_qp
 
 EncodeOptions = QuantSettings
 Progress = Callable[[int, int], None]
@@ -117,6 +118,7 @@ def write_bitstream(
     moments: dict[str, ChannelMoments] | None = None,
     refinements: dict[str, int | None] | None = None,
     rebuilt: list[Tensor] | None = None,
+    earlier: dict[str, tuple[tuple, bytes]] | None = None,
 ) -> StreamSummary:
     """Code an in-memory model into a complete bitstream written to `sink`, unit by unit.
 
@@ -186,7 +188,15 @@ def write_bitstream(
     def code(job: tuple[Tensor, QuantSettings, object]) -> tuple[bytes, np.ndarray | None]:
         tensor, settings, levels = job
         levels = coded_levels(tensor, settings, levels)
-        return encode_tensor(tensor, settings, levels), None if rebuilt is None else reconstruction(tensor, levels)
+        key = None if earlier is None or levels is None else (settings, _levels_digest(levels))
+        known = earlier.get(tensor.name) if key is not None else None
+        if known is not None and known[0] == key:
+            payload = known[1]
+        else:
+            payload = encode_tensor(tensor, settings, levels)
+            if key is not None:
+                earlier[tensor.name] = (key, payload)
+        return payload, None if rebuilt is None else reconstruction(tensor, levels)
 
     # Exact float tensors are coded side by side, a few ahead of the one being written
     # (nnc_tool/parallel.py): zstd and numpy release the GIL. Quantized coding holds it, and
@@ -211,6 +221,17 @@ def write_bitstream(
         if progress is not None:
             progress(done, len(model.tensors))
     return StreamSummary(written, len(topology), reports, plan.corrected, plan.compensated, plan.calibration_mode)
+
+
+def _levels_digest(quantized: Quantized) -> bytes:
+    """A digest of everything `encode_tensor` reads from quantized levels."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (quantized.levels, quantized.steps, quantized.qps):
+        if part is not None:
+            digest.update(str((part.dtype, part.shape)).encode())
+            digest.update(np.ascontiguousarray(part))
+    digest.update(str(quantized.chain).encode())
+    return digest.digest()
 
 
 @dataclass
@@ -362,6 +383,7 @@ def encode(
         # overlap quantization and coding.
         checker = pool.submit(Checker, model, calibration) if checking else None
         rebuilt: list[Tensor] | None = [] if checking else None
+        payloads: dict[str, tuple[tuple, bytes]] | None = {} if checking else None
         with ExitStack() as stack:
             if output_path is None:
                 sink: BinaryIO = _CountingSink()
@@ -369,7 +391,8 @@ def encode(
                 tmp = stack.enter_context(atomic_output(output_path))
                 sink = stack.enter_context(open(tmp, "wb"))
             summary = write_bitstream(
-                model, sink, options, original_bytes, calibration, progress, plan_cache, moments, rebuilt=rebuilt
+                model, sink, options, original_bytes, calibration, progress, plan_cache, moments, rebuilt=rebuilt,
+                earlier=payloads,
             )
             if checker is not None:
                 ready = _ready_checker(checker)
@@ -380,7 +403,7 @@ def encode(
                 else:
                     summary, check_report = _checked(
                         ready, sink, rebuilt, summary, options, original_bytes, calibration, plan_cache,
-                        moments, min_snr_db, model_path, floor_snr_db,
+                        moments, min_snr_db, model_path, floor_snr_db, payloads,
                     )
     # Why each tensor has its role, for the report (recomputed from the topology: not in the stream).
     explain_roles(model.format, model.topology, summary.tensors)
@@ -448,6 +471,7 @@ def _checked(
     min_snr_db: float | None,
     model_path: Path,
     floor_snr_db: float | None = None,
+    payloads: dict[str, tuple[tuple, bytes]] | None = None,
 ) -> tuple[StreamSummary, CheckReport]:
     """The self-check of what was just written, re-coding into `sink` while the repair asks for it."""
     started = time.perf_counter()
@@ -460,7 +484,7 @@ def _checked(
         sink.truncate()
         latest = write_bitstream(
             checker.model, sink, options, original_bytes, calibration, None, plan_cache, moments,
-            refinements=refinements, rebuilt=again,
+            refinements=refinements, rebuilt=again, earlier=payloads,
         )
         return again
 

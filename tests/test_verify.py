@@ -18,7 +18,7 @@ from nnc_tool.cli import main
 from nnc_tool.errors import CheckError
 from nnc_tool.formats import onnx_format, read_model
 from nnc_tool.inputs import probe_inputs, run_model
-from nnc_tool.model import Tensor
+from nnc_tool.model import Tensor, TensorRole
 
 
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
@@ -336,3 +336,30 @@ def test_the_culprit_search_names_the_loud_tensor_and_reuses_the_checks_measurem
     size = math.ceil(len(changed) / verify.SEARCH_FANOUT)
     untested = list(changed)[size:]
     assert loud.name in budget and all(budget[name] == total for name in untested)
+
+
+def test_a_re_encode_reuses_unchanged_payloads_and_writes_the_same_bytes(samples_dir: Path, monkeypatch) -> None:
+    """The repair's re-encodes hand back the payloads of tensors whose levels did not change:
+    the stream is byte for byte what a fresh write gives, and only the refined tensor is coded."""
+    import io
+
+    model = api.prepare_model(read_model(samples_dir / "resnet.onnx"))
+    options = api.EncodeOptions(qp=-30)
+    refined = next(t.name for t in model.model.tensors if t.role == TensorRole.WEIGHT)
+
+    def write(refinements, earlier=None) -> bytes:
+        sink = io.BytesIO()
+        api.write_bitstream(model.model, sink, options, 0, None, None, model.plan_cache, model.moments,
+                            refinements=refinements, earlier=earlier)
+        return sink.getvalue()
+
+    payloads: dict = {}
+    first = write(None, payloads)
+    assert payloads and first == write(None)
+    coded = []
+    original = api.encode_tensor
+    monkeypatch.setattr(api, "encode_tensor", lambda t, *a: coded.append(t.name) or original(t, *a))
+    again = write({refined: 4}, payloads)
+    assert coded == [refined]
+    monkeypatch.setattr(api, "encode_tensor", original)
+    assert again == write({refined: 4}) != first
