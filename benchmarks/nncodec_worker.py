@@ -3,7 +3,7 @@
 Runs INSIDE the NNCodec virtual environment (benchmarks/setup_nncodec.sh), never in nnc's own:
 nncodec needs numpy<2. benchmarks/rd_vs_nncodec.py calls it as a subprocess.
 
-    $NNCODEC_VENV/bin/python benchmarks/nncodec_worker.py IN.npz OUT_DIR --qp -38 -34 ... [--nonweight-qp -75]
+    $NNCODEC_VENV/bin/python benchmarks/nncodec_worker.py IN.npz OUT_DIR --qp -38 -34 ... [--nonweight-qp -75] [--no-dq]
 
 IN.npz holds named float32 arrays (the tensors to code, in model order). For every QP the worker
 encodes all of them into one NNCodec bitstream with `nncodec.nn.encode`, decodes it with
@@ -17,7 +17,7 @@ document on stdout (NNCodec's own chatter goes to stderr):
                    "ndu_sizes": [...one per tensor, in input order...]}}, ...]}
 
 Settings are nncodec.nn's defaults (`nncodec.nn.nncargs`) with only `qp`, `nonweight_qp` (and, if
-given, `qp_density`) overridden:
+given, `qp_density`; `use_dq` off with --no-dq) overridden:
   - approx_method "uniform" (scalar quantization), use_dq=True (dependent / trellis-coded
     quantization with two interleaved quantizers and a 4- or 8-state machine), param_opt=True
     (per-tensor choice of DeepCABAC's binarization parameters), row_skipping=True (all-zero rows
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qp", type=int, nargs="+", required=True, help="weight QP(s); one bitstream each")
     parser.add_argument("--nonweight-qp", type=int, default=None, help="QP of 1-D tensors (NNCodec default -75)")
     parser.add_argument("--qp-density", type=int, default=None, help="NNC qp_density (NNCodec default 2)")
+    parser.add_argument("--no-dq", action="store_true", help="scalar quantization without dependent quantization")
     args = parser.parse_args(argv)
 
     real_stdout = sys.stdout
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             settings["nonweight_qp"] = args.nonweight_qp
         if args.qp_density is not None:
             settings["qp_density"] = args.qp_density
+        if args.no_dq:
+            settings["use_dq"] = False
         results = []
         with tempfile.TemporaryDirectory() as scratch:
             settings["results"] = scratch  # nn.encode always writes the bitstream to a file here

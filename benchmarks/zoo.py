@@ -10,10 +10,11 @@ table and writes everything as JSON. A failure of one member or one QP is a one-
                              [--compare] [--nncodec [PYTHON]] [--json PATH] [--list]
 
 --compare adds, at the default QP, the encode without the self-check (what the check costs) and
-with BatchNorms kept (--no-fold-bn); --nncodec codes every member with NNCodec too (its own venv,
-benchmarks/setup_nncodec.sh) and lists the QPs where ours falls below 10 dB output SNR while
-NNCodec keeps 20 dB, and the BD-rate of ours against NNCodec at equal output SNR and at equal
-task agreement. NNCodec is given the tensors nnc codes lossily; its bytes count every byte it
+with BatchNorms kept (--no-fold-bn); --nncodec codes every member with NNCodec too, with its
+dependent quantization and without (its own venv, benchmarks/setup_nncodec.sh), and lists the QPs
+where ours falls below 10 dB output SNR while NNCodec (DQ) keeps 20 dB, and the BD-rate of ours
+against each NNCodec and against the stronger of the two at equal output SNR and at equal task
+agreement. NNCodec is given the tensors nnc codes lossily; its bytes count every byte it
 needs to rebuild the model: its bitstream plus what the rest (topology, exact tensors, optimizer
 state) costs in ours at the same QP.
 
@@ -116,11 +117,11 @@ def add_rest_bytes(theirs: list[dict], ours: list[dict]) -> None:
             cell["bytes"] = cell["weights_bytes"] + cell["rest_bytes"]
 
 
-def bd_rates(row: dict) -> dict[str, float | None]:
-    """BD-rate of ours against NNCodec (percent; negative: ours needs fewer bytes) at equal output
-    SNR and at equal task agreement, over the QPs where both were measured."""
+def bd_rates(row: dict, variant: str = "nncodec") -> dict[str, float | None]:
+    """BD-rate of ours against NNCodec's `variant` cells (percent; negative: ours needs fewer
+    bytes) at equal output SNR and at equal task agreement, over the QPs where both were measured."""
     ours = [c for c in row.get("results", []) if "output_snr_db" in c]
-    theirs = [c for c in row.get("nncodec", []) if "output_snr_db" in c]
+    theirs = [c for c in row.get(variant, []) if "output_snr_db" in c]
     out: dict[str, float | None] = {}
     for key in ("output_snr_db", "agreement"):
         out[key] = bd_rate([c["bytes"] for c in ours], [c[key] for c in ours],
@@ -128,18 +129,30 @@ def bd_rates(row: dict) -> dict[str, float | None]:
     return out
 
 
-def nncodec_cells(model: ZooModel, source: Path, inputs: dict, qps: list[int], python: str, workdir: Path) -> list[dict]:
-    """NNCodec 2.1.3 (its defaults, dependent quantization on) at each QP on the tensors nnc codes
-    lossily (WEIGHT and NONWEIGHT of nnc_tool.read_model; EXACT ones stay), its reconstruction
-    written back into the model's own format and evaluated like ours; one error cell on failure."""
+def against_stronger(with_dq: dict[str, float | None], without_dq: dict[str, float | None]) -> dict[str, float | None]:
+    """Per measure, the BD-rate against whichever NNCodec (DQ on or off) needs fewer bytes: the
+    larger of ours against each (None where neither curve overlaps ours)."""
+    out: dict[str, float | None] = {}
+    for key in with_dq.keys() | without_dq.keys():
+        values = [v for v in (with_dq.get(key), without_dq.get(key)) if v is not None]
+        out[key] = max(values) if values else None
+    return out
+
+
+def nncodec_cells(model: ZooModel, source: Path, inputs: dict, qps: list[int], python: str, workdir: Path,
+                  dq: bool = True) -> list[dict]:
+    """NNCodec 2.1.3 (its defaults: dependent quantization on, or off with `dq=False`) at each QP
+    on the tensors nnc codes lossily (WEIGHT and NONWEIGHT of nnc_tool.read_model; EXACT ones
+    stay), its reconstruction written back into the model's own format and evaluated like ours;
+    one error cell on failure."""
     try:
         model_in = nnc_tool.read_model(source)
         coded = [t for t in model_in.tensors if t.role != nnc_tool.TensorRole.EXACT and t.is_float]
         params = workdir / "nncodec_params.npz"
         np.savez(params, **{t.name: np.ascontiguousarray(t.array, dtype=np.float32) for t in coded})
-        out_dir = workdir / "nncodec"
-        done = subprocess.run([python, str(WORKER), str(params), str(out_dir), "--qp", *map(str, qps)],
-                              capture_output=True, text=True)
+        out_dir = workdir / ("nncodec" if dq else "nncodec-nodq")
+        done = subprocess.run([python, str(WORKER), str(params), str(out_dir), "--qp", *map(str, qps),
+                               *([] if dq else ["--no-dq"])], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"NNCodec worker exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
         report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -152,7 +165,7 @@ def nncodec_cells(model: ZooModel, source: Path, inputs: dict, qps: list[int], p
             with np.load(result["output"]) as rec:
                 tensors = [nnc_tool.Tensor(t.name, rec[t.name].astype(t.array.dtype).reshape(t.array.shape), t.role)
                            if t.name in rec.files else t for t in model_in.tensors]
-            rebuilt = workdir / f"nncodec_qp{result['qp']}" / source.name
+            rebuilt = out_dir / f"rebuilt_qp{result['qp']}" / source.name
             rebuilt.parent.mkdir(parents=True, exist_ok=True)
             nnc_tool.write_model(nnc_tool.Model(model_in.format, model_in.topology, tensors, dict(model_in.metadata)), rebuilt)
             fidelity = model.evaluate(source, rebuilt, inputs)
@@ -208,8 +221,12 @@ def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbos
                 print(f"  {model.name} QP {qp}: {format_cell(cell)}", file=sys.stderr, flush=True)
         if nncodec:
             row["nncodec"] = nncodec_cells(model, source, inputs, qps, nncodec, Path(tmp))
+            row["nncodec_nodq"] = nncodec_cells(model, source, inputs, qps, nncodec, Path(tmp), dq=False)
             add_rest_bytes(row["nncodec"], row["results"])
-            row["bd_rate"] = bd_rates(row)
+            add_rest_bytes(row["nncodec_nodq"], row["results"])
+            row["bd_rate_dq"] = bd_rates(row, "nncodec")
+            row["bd_rate_nodq"] = bd_rates(row, "nncodec_nodq")
+            row["bd_rate"] = against_stronger(row["bd_rate_dq"], row["bd_rate_nodq"])
             if verbose:
                 for cell in row["nncodec"]:
                     print(f"  {model.name} NNCodec QP {cell['qp']}: {format_cell(cell)}", file=sys.stderr, flush=True)
@@ -313,7 +330,7 @@ def format_bar(rows: list[dict]) -> str:
 def format_nncodec_table(rows: list[dict], qps: list[int]) -> str:
     """NNCodec's cells beside ours, and the QPs where ours collapses while NNCodec holds."""
     header = (["model"] + [f"QP {qp}: ours \\| NNCodec" for qp in qps]
-              + ["BD-rate @ SNR", "BD-rate @ agreement", "collapses"])
+              + ["BD @ SNR vs DQ \\| no DQ", "BD-rate @ SNR", "BD-rate @ agreement", "collapses"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if "nncodec" not in row:
@@ -321,8 +338,11 @@ def format_nncodec_table(rows: list[dict], qps: list[int]) -> str:
         ours = {c["qp"]: c for c in row["results"]}
         theirs = {c["qp"]: c for c in row["nncodec"]}
         cells = [row["name"]] + [f"{format_cell(ours.get(qp, {}))} \\| {format_cell(theirs.get(qp, {}))}" for qp in qps]
+        percent = lambda value: "-" if value is None else f"{value:+.1f}%"  # noqa: E731
         bd = row.get("bd_rate") or {}
-        cells += ["-" if bd.get(key) is None else f"{bd[key]:+.1f}%" for key in ("output_snr_db", "agreement")]
+        variants = [percent((row.get(k) or {}).get("output_snr_db")) for k in ("bd_rate_dq", "bd_rate_nodq")]
+        cells.append(" \\| ".join(variants))
+        cells += [percent(bd.get(key)) for key in ("output_snr_db", "agreement")]
         cells.append(",".join(map(str, collapses(row))) or "none")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
