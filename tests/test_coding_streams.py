@@ -418,3 +418,24 @@ def test_fixed_packing_matches_the_general_bit_packer() -> None:
     packed = integers.pack_fixed(fields, 11)
     assert packed == integers.pack_bits(fields, np.full(1000, 11))
     np.testing.assert_array_equal(integers.unpack_fixed(packed, 11, 1000), fields)
+
+
+@pytest.mark.parametrize("r", [0, 2, 7])
+def test_count_tables_read_back_whatever_their_codeword_lengths(r: int, monkeypatch) -> None:
+    """A table is first looked for in a short window, then in its whole reach: tables of long
+    codewords (counts far apart, k = 0) must read back exactly, leaving what follows in place."""
+    size = 64
+    codes = np.where(np.arange(size) % 2 == 0, 40 << r, 0).astype(np.int64)  # every delta as large as it gets
+    windows = []
+    chain = integers._codeword_chain
+    monkeypatch.setattr(integers, "_codeword_chain", lambda w, *a, **k: windows.append(len(w)) or chain(w, *a, **k))
+    for k in (0, integers._table_bytes(codes)[1]):
+        writer = ByteWriter()
+        integers._write_table(writer, codes, r, k)
+        writer.u8(0xA5)
+        reader = ByteReader(writer.getvalue())
+        values, read_r = integers._read_table(reader, size)
+        assert read_r == r and np.array_equal(values, integers.count_value(codes, r))
+        assert reader.u8() == 0xA5
+    # Deltas of 2 * 40 << 7 need 2 * 14 - 1 bits at k = 0: past the first window.
+    assert (len(windows) > 2) == (r == 7)

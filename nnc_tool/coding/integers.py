@@ -417,23 +417,17 @@ def _read_table(reader: ByteReader, size: int) -> tuple[np.ndarray, int]:
     if byte >> 7:
         raise BitstreamError(None, "model table has a reserved bit set")
     # Each codeword is at most 2 * 48 + 1 + k bits; never look further than the table can reach.
-    window = reader.peek((size * (97 + k) + 7) // 8)
-    bits = np.unpackbits(np.frombuffer(window, dtype=np.uint8))
-    total_bits = len(bits)
-    ones = np.flatnonzero(bits)
-    # For every bit position p: the next 1 at or after p, and where a codeword starting at p ends.
-    after = np.searchsorted(ones, np.arange(total_bits))
-    first_one = np.where(after < len(ones), ones[np.minimum(after, len(ones) - 1)] if len(ones) else 0, 1 << 40)
-    ends = (2 * first_one - np.arange(total_bits) + k + 1).tolist()
-    starts = np.empty(size, dtype=np.int64)
-    position = 0
-    for i in range(size):  # follow the chain of codewords (cheap: one list lookup each)
-        if position >= total_bits:
-            raise BitstreamError(None, "model table is truncated")
-        starts[i] = position
-        position = ends[position]
-    if position > total_bits:
-        raise BitstreamError(None, "model table is truncated")
+    # Real tables are far shorter: a window for codewords of up to 2 * 12 + 1 + k bits is tried
+    # first (finding codeword starts costs per bit of window: a third of a decode's time went
+    # to windows ~20x the table), the whole reach only when the chain runs past it.
+    reach = (size * (97 + k) + 7) // 8
+    chained = None
+    for window_bytes in (min(reach, (size * (25 + k) + 7) // 8 + 8), reach):
+        window = reader.peek(window_bytes)
+        chained = _codeword_chain(window, size, k, final=len(window) < window_bytes or window_bytes == reach)
+        if chained is not None:
+            break
+    bits, first_one, starts, position = chained
     leading = first_one[starts]
     zeros = leading - starts
     if zeros.max() > 48:
@@ -453,6 +447,32 @@ def _read_table(reader: ByteReader, size: int) -> tuple[np.ndarray, int]:
     if not values.any():
         raise BitstreamError(None, "model table is empty")
     return values, r
+
+
+def _codeword_chain(window: bytes, size: int, k: int, final: bool):
+    """(bits, next-one index per bit, codeword starts, end position) of `size` Exp-Golomb-k
+    codewords at the start of `window`; None when they run past a window that is not `final`."""
+    bits = np.unpackbits(np.frombuffer(window, dtype=np.uint8))
+    total_bits = len(bits)
+    ones = np.flatnonzero(bits)
+    # For every bit position p: the next 1 at or after p, and where a codeword starting at p ends.
+    after = np.searchsorted(ones, np.arange(total_bits))
+    first_one = np.where(after < len(ones), ones[np.minimum(after, len(ones) - 1)] if len(ones) else 0, 1 << 40)
+    ends = (2 * first_one - np.arange(total_bits) + k + 1).tolist()
+    starts = np.empty(size, dtype=np.int64)
+    position = 0
+    for i in range(size):  # follow the chain of codewords (cheap: one list lookup each)
+        if position >= total_bits:
+            if not final:
+                return None
+            raise BitstreamError(None, "model table is truncated")
+        starts[i] = position
+        position = ends[position]
+    if position > total_bits:
+        if not final:
+            return None
+        raise BitstreamError(None, "model table is truncated")
+    return bits, first_one, starts, position
 
 
 # =========================================================================================
