@@ -49,7 +49,7 @@ from .model import Model, Tensor
 from .parallel import ordered_map
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorms
-from .quantize.allocation import FOLD_ROWS, FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization
+from .quantize.plan import FOLD_ROWS, FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization
 from .ratecontrol import RateControlReport, RateTarget, Trial, search_qp
 from .verify import CHECK_MAX_VALUES, Checker, CheckReport, describe_refinements, repair, runnable
 from .quantize.uniform import Quantized, QuantSettings, effective_nonweight_qp
@@ -123,7 +123,7 @@ def write_bitstream(
     """Code an in-memory model into a complete bitstream written to `sink`, unit by unit.
 
     The quantization plan gives each tensor its own QP (sensitivity allocation) and, with
-    `calibration` inputs on ONNX models, error-compensated levels (see quantize/allocation.py).
+    `calibration` inputs on ONNX models, error-compensated levels (see quantize/plan.py).
     Each data unit goes to `sink` as soon as its tensor is coded, and a file-mapped tensor's
     pages are released right after, so memory stays near the largest tensor, not the model.
     `progress(done, total)` is called after each tensor is coded; `plan_cache` (see

@@ -18,7 +18,7 @@ from nnc_tool.cli import main
 from nnc_tool.formats.onnx_format import from_proto, to_proto
 from nnc_tool.graph.activation_stats import channel_moments, layer_inputs
 from nnc_tool.quantize.fold import fold_batchnorm
-from nnc_tool.quantize.allocation import plan_quantization
+from nnc_tool.quantize.plan import plan_quantization
 from nnc_tool.quantize.uniform import QuantSettings
 
 RNG = np.random.default_rng(7)

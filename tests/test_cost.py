@@ -10,7 +10,7 @@ from inputs_factory import _save
 from nnc_tool.formats import read_model
 from nnc_tool.graph.cost import multiply_accumulates
 from nnc_tool.inputs import as_model_inputs
-from nnc_tool.quantize import allocation
+from nnc_tool.quantize import sensitivity
 
 
 def _conv_gemm(tmp_path: Path) -> Path:
@@ -38,11 +38,11 @@ def test_multiply_accumulates_count_every_output_times_its_fan_in(tmp_path: Path
 def test_sensitivity_runs_use_fewer_inputs_past_the_budget(tmp_path: Path, monkeypatch) -> None:
     model = read_model(_conv_gemm(tmp_path))
     calibration = as_model_inputs({"x": np.random.default_rng(1).standard_normal((40, 3, 8, 8)).astype(np.float32)}, model)
-    assert allocation.affordable_samples(model, calibration) == allocation.SENSITIVITY_SAMPLES
+    assert sensitivity.affordable_samples(model, calibration) == sensitivity.SENSITIVITY_SAMPLES
     per_input, runs = 4 * 8 * 8 * 27 + 10 * 256, 2  # two quantizable tensors
-    monkeypatch.setattr(allocation, "SENSITIVITY_MACS", 5 * per_input * runs)
-    assert allocation.affordable_samples(model, calibration) == 5
-    monkeypatch.setattr(allocation, "SENSITIVITY_MACS", 1.0)
-    assert allocation.affordable_samples(model, calibration) == allocation.MIN_SENSITIVITY_SAMPLES
-    measured = allocation.measure_sensitivities(model, calibration)
+    monkeypatch.setattr(sensitivity, "SENSITIVITY_MACS", 5 * per_input * runs)
+    assert sensitivity.affordable_samples(model, calibration) == 5
+    monkeypatch.setattr(sensitivity, "SENSITIVITY_MACS", 1.0)
+    assert sensitivity.affordable_samples(model, calibration) == sensitivity.MIN_SENSITIVITY_SAMPLES
+    measured = sensitivity.measure_sensitivities(model, calibration)
     assert set(measured) == {"conv.w", "fc.w"} and all(s > 0 for s in measured.values())

@@ -1,6 +1,6 @@
 """Fast calibration: one onnxruntime pass measures every layer's input channel moments
 (graph/measured_stats.py), which then drive Kronecker error feedback and bias correction like the
-BatchNorm estimate does (quantize/allocation.py, calibration_mode "fast")."""
+BatchNorm estimate does (quantize/plan.py, calibration_mode "fast")."""
 import json
 
 import numpy as np
@@ -15,8 +15,9 @@ from nnc_tool.formats.onnx_format import runtime_proto, to_proto
 from nnc_tool.graph import measured_stats
 from nnc_tool.graph.measured_stats import measure_channel_moments
 from nnc_tool.graph.onnx_util import cpu_session
-from nnc_tool.quantize import allocation
-from nnc_tool.quantize.allocation import fast_calibration, plan_quantization, run_onnx
+from nnc_tool.quantize import plan as quant_plan
+from nnc_tool.quantize.plan import fast_calibration, plan_quantization
+from nnc_tool.quantize.sensitivity import run_onnx
 from nnc_tool.quantize.fold import fold_batchnorm
 from nnc_tool.quantize.uniform import QuantSettings
 
@@ -66,7 +67,7 @@ def test_measured_moments_are_the_same_before_and_after_folding(samples_dir, cal
     model = read_model(samples_dir / "resnet.onnx")
     prepared = api.prepare_model(model, QuantSettings(calibration_mode="fast"), calibration)
     assert prepared.folded > 0
-    before = prepared.plan_cache[allocation.MEASURED_MOMENTS]  # measured on the unfolded model, in a thread
+    before = prepared.plan_cache[quant_plan.MEASURED_MOMENTS]  # measured on the unfolded model, in a thread
     after = measure_channel_moments(prepared.model, calibration)
     assert set(before) == set(after)
     for name in before:
@@ -79,11 +80,11 @@ def test_auto_mode_picks_fast_calibration_by_size(samples_dir, monkeypatch):
     assert not fast_calibration(model, QuantSettings())
     assert fast_calibration(model, QuantSettings(calibration_mode="fast"))
     weights = sum(t.array.size for t in model.tensors if t.role == TensorRole.WEIGHT)
-    monkeypatch.setattr(allocation, "FULL_CALIBRATION_PARAMETERS", weights - 1)
+    monkeypatch.setattr(quant_plan, "FULL_CALIBRATION_PARAMETERS", weights - 1)
     assert fast_calibration(model, QuantSettings()) and fast_calibration(folded, QuantSettings())
-    monkeypatch.setattr(allocation, "FULL_CALIBRATION_PARAMETERS", weights)  # folding adds biases, no weights
+    monkeypatch.setattr(quant_plan, "FULL_CALIBRATION_PARAMETERS", weights)  # folding adds biases, no weights
     assert not fast_calibration(model, QuantSettings()) and not fast_calibration(folded, QuantSettings())
-    monkeypatch.setattr(allocation, "FULL_CALIBRATION_PARAMETERS", weights - 1)
+    monkeypatch.setattr(quant_plan, "FULL_CALIBRATION_PARAMETERS", weights - 1)
     assert not fast_calibration(model, QuantSettings(calibration_mode="full"))
     assert not fast_calibration(model, QuantSettings(calibration_mode="fast", lossless=True))
     with pytest.raises(ValueError, match="calibration_mode"):
@@ -108,8 +109,8 @@ def test_fast_calibration_beats_data_free_without_sensitivity_runs(samples_dir, 
     def no_probes(*args, **kwargs):
         raise AssertionError("fast calibration must not run per-tensor sensitivity probes or layer Hessians")
 
-    monkeypatch.setattr(allocation, "measure_sensitivities", no_probes)
-    monkeypatch.setattr(allocation, "layer_hessians", no_probes)
+    monkeypatch.setattr(quant_plan, "measure_sensitivities", no_probes)
+    monkeypatch.setattr(quant_plan, "layer_hessians", no_probes)
     fast = [encode(QuantSettings(qp=qp, calibration_mode="fast"), calibration) for qp in qps]
     # The stem (whose input is the image, unknown to BatchNorm statistics) is rounded too.
     assert all(len(f[2].compensated) == len(d[2].compensated) + 1 == 9 for f, d in zip(fast, data_free))

@@ -364,7 +364,7 @@ def test_rows_folding_scaled_differently_keep_their_unfolded_steps() -> None:
     """Channel scales spanning 10^4 (real exports have them): each folded row gets the step its
     unfolded row had (per-row QPs 4 log2(s_r / median s) around the tensor's), so no row is
     rounded coarser, relative to its values, than it would have been unfolded."""
-    from nnc_tool.quantize.allocation import plan_quantization
+    from nnc_tool.quantize.plan import plan_quantization
 
     rng = np.random.default_rng(7)
     w1 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.3

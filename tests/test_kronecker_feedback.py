@@ -15,7 +15,8 @@ from nnc_tool.cli import main
 from nnc_tool.formats.onnx_format import from_proto
 from nnc_tool.graph.activation_stats import channel_moments, conv_input_second_moments
 from nnc_tool.quantize import rdo
-from nnc_tool.quantize.allocation import plan_quantization, run_onnx
+from nnc_tool.quantize.plan import plan_quantization
+from nnc_tool.quantize.sensitivity import run_onnx
 from nnc_tool.quantize.fold import fold_batchnorm
 from nnc_tool.quantize.uniform import QuantSettings
 
@@ -136,7 +137,7 @@ def test_cli_no_error_feedback_switches_channel_feedback_off(samples_dir, tmp_pa
 
 
 def test_an_indefinite_estimate_falls_back_to_kernel_feedback(samples_dir, monkeypatch):
-    from nnc_tool.quantize import allocation
+    from nnc_tool.quantize import feedback
 
     original = read_model(samples_dir / "resnet.onnx")
     moments = channel_moments(original)
@@ -150,7 +151,7 @@ def test_an_indefinite_estimate_falls_back_to_kernel_feedback(samples_dir, monke
         found[broken] = 4.0 * np.eye(n) - 3.0 * np.ones((n, n))  # unit diagonal, eigenvalue 4 - 3n
         return found
 
-    monkeypatch.setattr(allocation, "conv_input_second_moments", indefinite)
+    monkeypatch.setattr(feedback, "conv_input_second_moments", indefinite)
     plan = plan_quantization(folded, QuantSettings(qp=-26), moments=moments)
     assert broken not in plan.compensated and len(plan.compensated) == len(estimates) - 1
     data, _ = api.compress_model(folded, QuantSettings(qp=-26), moments=moments)

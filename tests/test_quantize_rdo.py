@@ -11,8 +11,10 @@ from nnc_tool import Model, Tensor, TensorRole, read_model
 from nnc_tool.coding.integers import encode_integers
 from nnc_tool.coding.tensors import decode_tensor, encode_tensor
 from nnc_tool.formats.onnx_format import to_proto
-from nnc_tool.quantize import allocation
-from nnc_tool.quantize.allocation import MAX_QP_OFFSET, allocate_qps, measure_sensitivities, plan_quantization
+from nnc_tool.quantize import hessians, sensitivity
+from nnc_tool.quantize.allocation import MAX_QP_OFFSET, allocate_qps
+from nnc_tool.quantize.plan import plan_quantization
+from nnc_tool.quantize.sensitivity import measure_sensitivities
 from nnc_tool.quantize.rdo import (
     DEFAULT_LAMBDA, block_layout, diagonal_blocks, estimated_bits, gptq_factor, gptq_gain, gptq_round,
     kernel_feedback_reach, kernel_feedback_round, rdo_round,
@@ -240,7 +242,7 @@ def test_blocked_gptq_is_gptq_on_each_block_alone() -> None:
 
 def test_layer_hessian_blocks_are_the_diagonal_blocks_of_the_gram_matrix() -> None:
     x = RNG.normal(size=(5000, 1100)).astype(np.float32)
-    blocks = allocation._gram(x, chunk=1024)
+    blocks = hessians._gram(x, chunk=1024)
     expected = diagonal_blocks(x.T.astype(np.float64) @ x.astype(np.float64))
     assert blocks.shape == expected.shape == (3, 367, 367)
     np.testing.assert_allclose(blocks, expected, rtol=1e-4, atol=1e-2)
@@ -250,9 +252,9 @@ def test_sensitivity_runs_use_fewer_inputs_for_large_models() -> None:
     def model_of(parameters: int) -> Model:
         return Model("onnx", b"", [Tensor("w", np.zeros((parameters // 100, 100), np.float32), TensorRole.WEIGHT)], {})
 
-    assert allocation.sensitivity_samples(model_of(50_000)) == allocation.SENSITIVITY_SAMPLES
-    assert allocation.sensitivity_samples(model_of(4 << 20)) == 8
-    assert allocation.sensitivity_samples(model_of(100_000_000)) == allocation.MIN_SENSITIVITY_SAMPLES
+    assert sensitivity.sensitivity_samples(model_of(50_000)) == sensitivity.SENSITIVITY_SAMPLES
+    assert sensitivity.sensitivity_samples(model_of(4 << 20)) == 8
+    assert sensitivity.sensitivity_samples(model_of(100_000_000)) == sensitivity.MIN_SENSITIVITY_SAMPLES
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from nnc_tool.coding.tensors import decode_tensor, encode_tensor, read_header
 from nnc_tool.errors import BitstreamError
 from nnc_tool.graph.activation_stats import channel_moments
 from nnc_tool.model import Tensor, TensorRole
-from nnc_tool.quantize.allocation import plan_quantization
+from nnc_tool.quantize.plan import plan_quantization
 from nnc_tool.quantize.fold import fold_batchnorm
 from nnc_tool.quantize.trellis import chain_length, grid_values, trellis_levels
 from nnc_tool.quantize.uniform import QuantSettings, dequantize, quantize, step_for_qp

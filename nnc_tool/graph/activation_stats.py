@@ -139,7 +139,7 @@ def _conv_correlation(node: onnx.NodeProto, constants: dict) -> np.ndarray | Non
     Data-free, the input's own correlations are unknown; the filters' overlap is what makes two
     output channels move together. On the digits ResNet-18 the estimate correlates with the
     measured input correlations of the next layers at 0.1-0.3 (0.24 in the first stage), and
-    GPTQ on it still gains 2 BD-rate points (see quantize/allocation.py)."""
+    GPTQ on it still gains 2 BD-rate points (see quantize/feedback.py)."""
     if len(node.input) < 2 or int(attributes(node).get("group", 1)) != 1:
         return None
     weight = constants.get(node.input[1])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..defaults import CALIBRATION_MODES, MAX_KERNEL_CORRELATION
-from ..model import TensorRole
+from ..model import Tensor, TensorRole
 from .rdo import (
     DEFAULT_KERNEL_CORRELATION, DEFAULT_LAMBDA, EXACT_LEVELS, MAX_KERNEL_TAPS, kernel_feedback_reach, kernel_feedback_round, rdo_round,
 )
@@ -73,9 +73,9 @@ class QuantSettings:
         layer's input channel moments, used like the BatchNorm estimate (Kronecker error
         feedback, bias correction) with the data-free allocation (ResNet-18: about 0.1 s on top
         of the data-free encode). "auto" (default): "full" up to
-        allocation.FULL_CALIBRATION_PARAMETERS parameters, "fast" beyond.
+        defaults.FULL_CALIBRATION_PARAMETERS parameters, "fast" beyond.
     Per-tensor choices (allocate, error_feedback) are made once per model by
-    `allocation.plan_quantization`; `quantize` itself only sees one tensor's settings.
+    `plan.plan_quantization`; `quantize` itself only sees one tensor's settings.
     """
 
     qp: int = -38
@@ -111,6 +111,16 @@ class QuantSettings:
                 raise ValueError(f"{name} must lie in [{QP_RANGE[0]}, {QP_RANGE[1]}], got {value}")
         if self.bits is not None and not 2 <= self.bits <= 31:
             raise ValueError(f"bits must lie in [2, 31], got {self.bits}")
+
+
+# The roles and dtypes a quantization plan works on (EXACT tensors and integer data are coded exactly).
+_QUANTIZABLE = (TensorRole.WEIGHT, TensorRole.NONWEIGHT)
+_FLOATS = ("float32", "float16", "bfloat16", "float64")
+
+
+def quantizable(tensor: Tensor) -> bool:
+    """Whether a plan gives `tensor` a step: a non-empty WEIGHT or NONWEIGHT float tensor."""
+    return tensor.role in _QUANTIZABLE and tensor.dtype in _FLOATS and tensor.array.size > 0
 
 
 # Default distance between the weight QP and the non-weight QP (16 QP = 16x finer step). Measured
