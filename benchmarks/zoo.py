@@ -100,6 +100,84 @@ def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path
     return cell
 
 
+def calibration_split(model: ZooModel, source: Path, inputs: dict, samples: int, count: int) -> tuple[dict, bool]:
+    """`count` calibration inputs beyond the evaluation set: the tail of a draw of samples + count
+    (members seed their generators, so the head of a larger draw is the evaluation set or close to
+    it). A member that caps its samples (the layout detector's 24 pages) has nothing beyond: its
+    calibration then is the evaluation set itself, and the second value says so."""
+    larger = model.make_inputs(source, samples + count)
+    available = sample_count(larger) - sample_count(inputs)
+    if available <= 0:
+        return inputs, True
+    take = min(count, available)
+    calibration = {name: array[-take:] for name, array in larger.items()}
+    first = next(iter(inputs))
+    seen = {row.tobytes() for row in np.asarray(inputs[first])}
+    overlaps = any(row.tobytes() in seen for row in np.asarray(calibration[first]))
+    return calibration, overlaps
+
+
+def calibrated_cells(model: ZooModel, source: Path, inputs: dict, qps: list[int], mode: str, calibration: dict,
+                     workdir: Path) -> list[dict]:
+    """Ours with calibration data (`nnc encode --calib C --calib-mode MODE --qp Q`, without the
+    self-check): read, BatchNorm statistics and folding once (api.prepare_model), then every QP
+    from the same plan cache, so the QP-independent measurements (sensitivities, Hessians, moments)
+    run once; the first cell's encode time includes them. ONNX members only."""
+    cells: list[dict] = []
+    try:
+        options = api.EncodeOptions(calibration_mode=mode)
+        started = time.perf_counter()
+        prepared = api.prepare_model(nnc_tool.read_model(source), options, calibration)
+        prepare_s = time.perf_counter() - started
+    except Exception as err:
+        return [{"qp": qp, "error": f"prepare: {one_line(err)}"} for qp in qps]
+    for qp in qps:
+        cell: dict = {"qp": qp}
+        stage = "encode"
+        try:
+            started = time.perf_counter()
+            data, _ = api.compress_model(prepared.model, api.EncodeOptions(qp=qp, calibration_mode=mode),
+                                         file_bytes(source), calibration, plan_cache=prepared.plan_cache,
+                                         moments=prepared.moments)
+            cell["encode_s"] = time.perf_counter() - started + (prepare_s if not cells else 0.0)
+            cell["bytes"] = len(data)
+            bitstream = workdir / f"calib-{mode}-qp{qp}.nnc"
+            bitstream.write_bytes(data)
+            rebuilt = workdir / f"calib-{mode}-qp{qp}" / source.name
+            rebuilt.parent.mkdir(parents=True, exist_ok=True)
+            stage = "decode"
+            api.decode(bitstream, rebuilt)
+            stage = "evaluate"
+            fidelity = model.evaluate(source, rebuilt, inputs)
+            cell.update(output_snr_db=float(fidelity.output_snr_db), agreement=float(fidelity.agreement))
+        except Exception as err:
+            cell["error"] = f"{stage}: {one_line(err)}"
+            cell["traceback"] = traceback.format_exc(limit=6)
+        cells.append(cell)
+    return cells
+
+
+def format_calibrated_table(rows: list[dict], qps: list[int], mode: str) -> str:
+    """Calibrated cells beside the data-free ones, and the BD-rate of each against NNCodec."""
+    header = (["model", "calibration"] + [f"QP {qp}: data-free \\| calibrated" for qp in qps]
+              + ["BD vs NNCodec: data-free \\| calibrated", "BD calibrated vs data-free"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    percent = lambda value: "-" if value is None else f"{value:+.1f}%"  # noqa: E731
+    for row in rows:
+        if "calibrated" not in row:
+            continue
+        ours = {c["qp"]: c for c in row["results"]}
+        calibrated = {c["qp"]: c for c in row["calibrated"]}
+        used = f"{row['calibration_samples']} inputs" + (" (the evaluation set)" if row.get("calibrated_on_evaluation") else "")
+        cells = [row["name"], f"{mode}, {used}"]
+        cells += [f"{format_cell(ours.get(qp, {}))} \\| {format_cell(calibrated.get(qp, {}))}" for qp in qps]
+        free = (row.get("bd_rate") or {}).get("output_snr_db")
+        cells.append(f"{percent(free)} \\| {percent((row.get('bd_rate_calibrated') or {}).get('output_snr_db'))}")
+        cells.append(percent(row.get("bd_calibrated_vs_data_free")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 WORKER = Path(__file__).resolve().parent / "nncodec_worker.py"
 FLOAT_NAMES = ("float32", "float16", "bfloat16", "float64")
 
@@ -200,7 +278,7 @@ def encode_seconds(source: Path, qp: int, workdir: Path, verify: bool) -> float:
 
 
 def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbose: bool, compare: bool = False,
-              nncodec: str | None = None) -> dict:
+              nncodec: str | None = None, calib_mode: str | None = None, calib_samples: int = 16) -> dict:
     row: dict = {"module": module, "name": model.name, "exporter": model.exporter, "task": model.task,
                  "small": model.small, "notes": model.notes, "results": []}
     try:
@@ -227,6 +305,18 @@ def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbos
             row["bd_rate_dq"] = bd_rates(row, "nncodec")
             row["bd_rate_nodq"] = bd_rates(row, "nncodec_nodq")
             row["bd_rate"] = against_stronger(row["bd_rate_dq"], row["bd_rate_nodq"])
+        if calib_mode and source.suffix == ".onnx":
+            calibration, on_evaluation = calibration_split(model, source, inputs, samples, calib_samples)
+            row["calibration_samples"] = sample_count(calibration)
+            row["calibrated_on_evaluation"] = on_evaluation
+            row["calibrated"] = calibrated_cells(model, source, inputs, qps, calib_mode, calibration, Path(tmp))
+            if verbose:
+                for cell in row["calibrated"]:
+                    print(f"  {model.name} calibrated QP {cell['qp']}: {format_cell(cell)}", file=sys.stderr, flush=True)
+            row["bd_calibrated_vs_data_free"] = bd_rates({"results": row["calibrated"], "nncodec": row["results"]})["output_snr_db"]
+            if nncodec:
+                calibrated = {"results": row["calibrated"], "nncodec": row["nncodec"], "nncodec_nodq": row["nncodec_nodq"]}
+                row["bd_rate_calibrated"] = against_stronger(bd_rates(calibrated, "nncodec"), bd_rates(calibrated, "nncodec_nodq"))
             if verbose:
                 for cell in row["nncodec"]:
                     print(f"  {model.name} NNCodec QP {cell['qp']}: {format_cell(cell)}", file=sys.stderr, flush=True)
@@ -391,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", action="store_true",
                         help=f"also at QP {DEFAULT_QP}: the encode with and without the self-check (its cost, fastest of"
                              f" {TIMING_RUNS} each) and, for models with BatchNorms, with them kept (--no-fold-bn)")
+    parser.add_argument("--calib", choices=("fast", "full"), default=None,
+                        help="also code the ONNX members with calibration data (that --calib-mode), --calib-samples"
+                             " of their own inputs drawn beyond the evaluation set")
+    parser.add_argument("--calib-samples", type=int, default=16, help="calibration inputs per member (default 16)")
     # argparse would read the "-44,-38" of "--qps -44,-38" as an option: glue the value to its flag.
     glued: list[str] = []
     for arg in sys.argv[1:] if argv is None else argv:
@@ -437,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     for module, model in selected:
         if args.verbose:
             print(f"{model.name}:", file=sys.stderr, flush=True)
-        rows.append(run_model(module, model, args.qps, args.samples, args.verbose, args.compare, nncodec))
+        rows.append(run_model(module, model, args.qps, args.samples, args.verbose, args.compare, nncodec,
+                              args.calib, args.calib_samples))
     rows += broken_rows
 
     print(format_table(rows, args.qps, args.compare))
@@ -446,10 +541,13 @@ def main(argv: list[str] | None = None) -> int:
     if nncodec:
         print()
         print(format_nncodec_table(rows, args.qps))
+    if args.calib:
+        print()
+        print(format_calibrated_table(rows, args.qps, args.calib))
     results = {
         "nnc_version": nnc_tool.__version__, "nnc_tool": str(Path(nnc_tool.__file__).parent),
         "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "qps": args.qps, "samples": args.samples, "models": rows,
+        "qps": args.qps, "samples": args.samples, "calib": args.calib, "calib_samples": args.calib_samples, "models": rows,
     }
     json_path = args.json or cache_dir() / "zoo-results.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
