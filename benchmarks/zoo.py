@@ -438,6 +438,49 @@ def format_nncodec_table(rows: list[dict], qps: list[int]) -> str:
     return "\n".join(lines)
 
 
+# One series per coder on every rate-distortion panel: (row key, label, matplotlib style).
+PLOT_SERIES = (("results", "nnc (data-free)", "o-"), ("calibrated", "nnc --calib", "s-"),
+               ("nncodec", "NNCodec (DQ)", "^--"), ("nncodec_nodq", "NNCodec (no DQ)", "v:"))
+
+
+def plot_rows(rows: list[dict], path: Path) -> None:
+    """Rate (every byte each coder needs) against output SNR, one panel per member, with the
+    BD-rates in each panel's title; PNG/SVG/PDF by suffix, written atomically."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    drawn = [row for row in rows if sum("output_snr_db" in c for c in row.get("results", [])) >= 2]
+    if not drawn:
+        raise SystemExit("nothing to plot: no member has two measured QPs")
+    cols = min(4, len(drawn))
+    lines = -(-len(drawn) // cols)
+    fig = Figure(figsize=(4.6 * cols, 3.6 * lines), layout="constrained")
+    axes = fig.subplots(lines, cols, squeeze=False)
+    for ax, row in zip(axes.flat, drawn):
+        for key, label, style in PLOT_SERIES:
+            points = sorted((c["bytes"] / 1024, c["output_snr_db"]) for c in row.get(key, [])
+                            if "output_snr_db" in c and "bytes" in c and math.isfinite(c["output_snr_db"]))
+            if points:
+                ax.plot(*zip(*points), style, label=label, markersize=4)
+        bd = (row.get("bd_rate") or {}).get("output_snr_db")
+        calibrated = (row.get("bd_rate_calibrated") or {}).get("output_snr_db")
+        title = row["name"] + ("" if bd is None else f"\nBD vs NNCodec {bd:+.1f} %")
+        title += "" if calibrated is None else f", calibrated {calibrated:+.1f} %"
+        ax.set_title(title, fontsize=9)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
+        ax.set_xlabel("KB (everything needed to rebuild the model)", fontsize=8)
+        ax.set_ylabel("output SNR (dB)", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(drawn):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=110)
+
+
 def finite_json(value):
     """JSON has no infinities: a lossless rebuild's SNR is written as the string "inf"."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -485,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also code the ONNX members with calibration data (that --calib-mode), --calib-samples"
                              " of their own inputs drawn beyond the evaluation set")
     parser.add_argument("--calib-samples", type=int, default=16, help="calibration inputs per member (default 16)")
+    parser.add_argument("--plot", type=Path, help="also draw the rate-distortion curves (.png, .svg or .pdf; needs matplotlib)")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="only draw --plot (default: JSON with .png) from an earlier run's results file")
     # argparse would read the "-44,-38" of "--qps -44,-38" as an option: glue the value to its flag.
     glued: list[str] = []
     for arg in sys.argv[1:] if argv is None else argv:
@@ -498,6 +544,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples < 1:
         parser.error("--samples must be at least 1")
 
+    if args.plot is not None and args.plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        parser.error(f"--plot writes .png, .svg or .pdf files, not {args.plot.name!r}")
+    if args.replot is not None:
+        rows = json.loads(args.replot.read_text())["models"]
+        target = args.plot or args.replot.with_suffix(".png")
+        plot_rows(rows, target)
+        print(f"plot: {target}")
+        return 0
     found, broken = discover()
     if args.list:
         for module, model in found:
@@ -554,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_output(json_path) as tmp:
         tmp.write_text(json.dumps(finite_json(results), indent=1) + "\n")
     print(f"results: {json_path}")
+    if args.plot is not None:
+        plot_rows(rows, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 
