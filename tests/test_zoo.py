@@ -149,3 +149,31 @@ def test_the_bar_line_counts_members_and_names_each_miss_with_its_tie_margin():
         "default encode keeps >= 30 dB and >= 99 %: 1 of 3 members; below: "
         "ties 54.3 dB 98.8 % (largest_flip_margin 0.0021); noisy 28.6 dB 99.4 %"
     )
+
+
+def test_calibrated_sweep_draws_its_data_beyond_the_evaluation_set_and_plots(tmp_path, monkeypatch, capsys):
+    import onnx_factory
+
+    members = tmp_path / "members"
+    members.mkdir()
+    onnx_factory.build_conv_bn_gemm(members)
+    (members / "zz_good.py").write_text('NAME, FAIL, SMALL = "tiny", False, True\n' + MEMBER)
+    monkeypatch.setattr(zoo.models, "__path__", [str(members)])
+    runner = _runner()
+    results, plot = tmp_path / "results.json", tmp_path / "rd.png"
+    assert runner.main(["--qps", "-38,-32,-26", "--samples", "8", "--calib", "full", "--calib-samples", "4",
+                        "--json", str(results), "--plot", str(plot)]) == 0
+    assert "full, 4 inputs |" in capsys.readouterr().out
+    row = json.loads(results.read_text())["models"][0]
+    assert row["calibration_samples"] == 4 and row["calibrated_on_evaluation"] is False
+    assert [c["qp"] for c in row["calibrated"]] == [-38, -32, -26]
+    assert all(c["bytes"] > 0 and c["output_snr_db"] > 0 for c in row["calibrated"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = tmp_path / "again.svg"
+    assert runner.main(["--replot", str(results), "--plot", str(again)]) == 0 and b"<svg" in again.read_bytes()[:400]
+
+
+def test_the_stronger_nncodec_is_the_one_ours_beats_least():
+    stronger = _runner().against_stronger({"output_snr_db": -20.0, "agreement": None},
+                                          {"output_snr_db": -5.0, "agreement": 3.0})
+    assert stronger == {"output_snr_db": -5.0, "agreement": 3.0}
