@@ -8,6 +8,7 @@ tensors; the format module alone knows how to put them back.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -61,7 +62,12 @@ def numpy_dtype(name: str) -> np.dtype:
 
 def dtype_name(dtype: np.dtype) -> str:
     """Our dtype name for a numpy dtype; raises ValueError for unsupported ones."""
-    dtype = np.dtype(dtype)
+    return _dtype_name(np.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype: np.dtype) -> str:
+    # Every Tensor.dtype asks; numpy's dtype comparisons cost ~5 us each (ppocr-cls lossless: 4 of 14 ms).
     if dtype == np.dtype(ml_dtypes.bfloat16):
         return "bfloat16"
     name = dtype.name
