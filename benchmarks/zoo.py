@@ -439,8 +439,8 @@ def format_nncodec_table(rows: list[dict], qps: list[int]) -> str:
 
 
 # One series per coder on every rate-distortion panel: (row key, label, matplotlib style).
-PLOT_SERIES = (("results", "nnc (data-free)", "o-"), ("calibrated", "nnc --calib", "s-"),
-               ("nncodec", "NNCodec (DQ)", "^--"), ("nncodec_nodq", "NNCodec (no DQ)", "v:"))
+PLOT_SERIES = (("results", "nnc (data-free)", "o-C0"), ("calibrated", "nnc --calib", "s-C1"),
+               ("nncodec", "NNCodec (DQ)", "^--C2"), ("nncodec_nodq", "NNCodec (no DQ)", "v:C3"))
 
 
 def plot_rows(rows: list[dict], path: Path) -> None:
@@ -469,7 +469,7 @@ def plot_rows(rows: list[dict], path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 5) else ""))
         ax.set_xlabel("KB (everything needed to rebuild the model)", fontsize=8)
         ax.set_ylabel("output SNR (dB)", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
