@@ -20,7 +20,8 @@ coder quantizes a tensor with the settings the plan gives it (quantize/uniform.p
 Calibrated ONNX models get error feedback (GPTQ): the levels of every Conv / Gemm / MatMul weight
 are chosen column by column so that the layer's output on the calibration inputs moves as little
 as possible, and the allocation uses s_i times GPTQ's predicted error reduction for that layer
-(`gptq_gain`). Coding the plan's model with its settings reproduces the chosen levels (decoders
+(`LayerHessian.gain`: `gptq_gain` on the calibration inputs, corrected for GPTQ having fitted
+its compensation to them). Coding the plan's model with its settings reproduces the chosen levels (decoders
 need nothing new).
 
 That full calibration costs one sensitivity run per tensor plus every layer's Hessian and its
