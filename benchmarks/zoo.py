@@ -524,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", action="store_true",
                         help=f"also at QP {DEFAULT_QP}: the encode with and without the self-check (its cost, fastest of"
                              f" {TIMING_RUNS} each) and, for models with BatchNorms, with them kept (--no-fold-bn)")
-    parser.add_argument("--calib", choices=("fast", "full"), default=None,
-                        help="also code the ONNX members with calibration data (that --calib-mode), --calib-samples"
+    parser.add_argument("--calib", choices=("auto", "fast", "full"), default=None,
+                        help="also code the ONNX members with calibration data (that --calib-mode; auto is nnc encode --calib's default), --calib-samples"
                              " of their own inputs drawn beyond the evaluation set")
     parser.add_argument("--calib-samples", type=int, default=16, help="calibration inputs per member (default 16)")
     parser.add_argument("--plot", type=Path, help="also draw the rate-distortion curves (.png, .svg or .pdf; needs matplotlib)")

@@ -263,7 +263,7 @@ def prepare_model(
     """
     options = options or EncodeOptions()
     calibration = calibration_inputs(calibration, model)
-    fast = calibration is not None and fast_calibration(model, options)
+    fast = calibration is not None and fast_calibration(model, options, calibration)
     cache: dict = {}
     with ThreadPoolExecutor(max_workers=1) as pool:
         measuring = pool.submit(measure_channel_moments, model, calibration) if fast else None

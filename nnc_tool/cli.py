@@ -127,7 +127,8 @@ def quantization_options(command):
                      help="What --calib data does for quantization (ONNX). full: measured tensor sensitivities and GPTQ on"
                           " every layer's input Hessian (smallest, seconds on large models). fast: one pass measuring each"
                           " layer's input channel statistics for error feedback (~0.1 s)."
-                          f" auto: full up to {FULL_CALIBRATION_PARAMETERS / 1e6:g} M weights."),
+                          f" auto: full up to {FULL_CALIBRATION_PARAMETERS / 1e6:g} M weights, and beyond while its"
+                          " sensitivity runs stay cheap (counted multiply-accumulates)."),
     ]
     for option in reversed(options):
         command = option(command)

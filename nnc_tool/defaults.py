@@ -13,7 +13,7 @@ DEFAULT_KERNEL_CORRELATION = 0.3
 MAX_KERNEL_CORRELATION = 0.95
 CALIBRATION_MODES = ("auto", "full", "fast")
 # calibration_mode "auto": models with more weight parameters than this use "fast"
-# calibration. Digits ResNet-18 (11.2 M): "full" encodes in 4-5 s at BD-rate -33.6 % vs NNCodec,
+# calibration when their sensitivity runs are costly (quantize/plan.fast_calibration). Digits ResNet-18 (11.2 M): "full" encodes in 4-5 s at BD-rate -33.6 % vs NNCodec,
 # "fast" in about 0.7 s at -25 %; the sample models (under 0.2 M) take well under a second "full".
 FULL_CALIBRATION_PARAMETERS = 2_000_000
 

@@ -141,3 +141,17 @@ def test_cli_calib_mode(samples_dir, tmp_path):
     result = runner.invoke(main, ["encode", str(samples_dir / "lenet.onnx"), "-o", str(tmp_path / "x.nnc"), "--calib-mode", "quick"])
     assert result.exit_code == 2 and "quick" in result.output
     assert not (tmp_path / "x.nnc").exists()
+
+
+def test_auto_mode_keeps_full_calibration_for_a_large_model_whose_runs_are_cheap(samples_dir, calibration, monkeypatch):
+    from nnc_tool.inputs import calibration_inputs
+
+    model = read_model(samples_dir / "resnet.onnx")
+    data = calibration_inputs(calibration, model)
+    weights = sum(t.array.size for t in model.tensors if t.role == TensorRole.WEIGHT)
+    monkeypatch.setattr(quant_plan, "FULL_CALIBRATION_PARAMETERS", weights - 1)
+    assert fast_calibration(model, QuantSettings())  # no data: the size alone decides
+    assert not fast_calibration(model, QuantSettings(), data)  # a few M multiply-accumulates a run
+    monkeypatch.setattr(quant_plan, "SENSITIVITY_MACS", 1.0)
+    assert fast_calibration(model, QuantSettings(), data)
+    assert not fast_calibration(model, QuantSettings(calibration_mode="full"), data)
