@@ -49,7 +49,7 @@ from .model import Model, Tensor
 from .parallel import ordered_map
 from .prune import PruneConfig, PruneReport, prune
 from .quantize.fold import fold_batchnorms
-from .quantize.plan import FOLD_ROWS, FOLD_SCALES, MEASURED_MOMENTS, fast_calibration, plan_quantization
+from .quantize.plan import FOLD_ROWS, FOLD_SCALES, MEASURED_MOMENTS, cached_fast_calibration, plan_quantization
 from .ratecontrol import RateControlReport, RateTarget, Trial, search_qp
 from .verify import CHECK_MAX_VALUES, Checker, CheckReport, describe_refinements, repair, runnable
 from .quantize.uniform import Quantized, QuantSettings, effective_nonweight_qp
@@ -263,8 +263,8 @@ def prepare_model(
     """
     options = options or EncodeOptions()
     calibration = calibration_inputs(calibration, model)
-    fast = calibration is not None and fast_calibration(model, options, calibration)
     cache: dict = {}
+    fast = calibration is not None and cached_fast_calibration(model, options, calibration, cache)
     with ThreadPoolExecutor(max_workers=1) as pool:
         measuring = pool.submit(measure_channel_moments, model, calibration) if fast else None
         wanted = (options.bias_correction or options.error_feedback) and not options.lossless

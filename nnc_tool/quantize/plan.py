@@ -64,6 +64,11 @@ FOLD_SCALES = "fold_scales"
 
 FOLD_ROWS = "fold_rows"
 
+# Plan-cache key of `fast_calibration`'s answers: it counts a run's multiply-accumulates (shape
+# inference), which neither every QP of a rate search nor the plan after api.prepare_model's
+# answer should redo.
+FAST_CALIBRATION = "fast_calibration"
+
 
 @dataclass
 class QuantPlan:
@@ -109,6 +114,16 @@ def fast_calibration(model: Model, settings: QuantSettings, calibration: ModelIn
         return True
     per_input = multiply_accumulates(model, calibration.feeds(0, 1))
     return per_input is None or per_input * len(weights) * MIN_SENSITIVITY_SAMPLES > SENSITIVITY_MACS
+
+
+def cached_fast_calibration(model: Model, settings: QuantSettings, calibration: ModelInputs | None, cache: dict) -> bool:
+    """`fast_calibration`, answered once per plan cache and settings (the answer is the same
+    before and after BatchNorm folding, so api.prepare_model's serves the plans after it)."""
+    answers = cache.setdefault(FAST_CALIBRATION, {})
+    key = (settings.calibration_mode, settings.lossless, settings.bits)
+    if key not in answers:
+        answers[key] = fast_calibration(model, settings, calibration)
+    return answers[key]
 
 
 def plan_quantization(
@@ -209,7 +224,7 @@ def _measure(
         notes.append(f"calibration data unused: measuring a {model.format} model needs a run_model callback")
         calibrated = False
     calibration_mode = None
-    if calibrated and fast_calibration(model, settings, calibration):
+    if calibrated and cached_fast_calibration(model, settings, calibration, cache):
         if MEASURED_MOMENTS not in cache:
             cache[MEASURED_MOMENTS] = measure_channel_moments(model, calibration)
         # Measured moments stand in for the BatchNorm estimate where both exist.
