@@ -66,12 +66,9 @@ def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path
     """Encode, decode and evaluate at one QP (`default`: as `nnc encode MODEL` without --qp does,
     keeping the self-check's default floor); any failure becomes the cell's `error`."""
     cell: dict = {"qp": qp}
-    stage = "encode"
+    name = "default" if default else f"qp{qp}"
+    bitstream = workdir / f"{name}.nnc"
     try:
-        name = "default" if default else f"qp{qp}"
-        bitstream = workdir / f"{name}.nnc"
-        rebuilt = workdir / name / source.name
-        rebuilt.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         report = api.encode(source, bitstream, api.EncodeOptions(qp=qp), fold_batchnorm=fold_batchnorm,
                             floor_snr_db=DEFAULT_FLOOR_DB if default else None)
@@ -86,7 +83,20 @@ def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path
             cell["check"] = {"skipped": report.check.skipped, "probe_snr_db": report.check.output_snr_db,
                              "predicted_snr_db": report.check.predicted_snr_db, "refined": len(report.check.refined),
                              "rounds": report.check.rounds, "seconds": report.check.seconds}
-        stage = "decode"
+    except Exception as err:
+        cell["error"] = f"encode: {one_line(err)}"
+        cell["traceback"] = traceback.format_exc(limit=6)
+        return cell
+    decode_and_evaluate(model, source, inputs, bitstream, workdir / name / source.name, cell)
+    return cell
+
+
+def decode_and_evaluate(model: ZooModel, source: Path, inputs: dict, bitstream: Path, rebuilt: Path, cell: dict) -> None:
+    """Decode `bitstream` to `rebuilt` and judge it against the original: the cell gets the
+    decode time, output SNR, agreement, measure and extras, or the stage's one-line error."""
+    stage = "decode"
+    try:
+        rebuilt.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         api.decode(bitstream, rebuilt)
         cell["decode_s"] = time.perf_counter() - started
@@ -97,7 +107,6 @@ def code_one(model: ZooModel, source: Path, inputs: dict, qp: int, workdir: Path
     except Exception as err:
         cell["error"] = f"{stage}: {one_line(err)}"
         cell["traceback"] = traceback.format_exc(limit=6)
-    return cell
 
 
 def calibration_split(model: ZooModel, source: Path, inputs: dict, samples: int, count: int) -> tuple[dict, bool]:
@@ -133,27 +142,21 @@ def calibrated_cells(model: ZooModel, source: Path, inputs: dict, qps: list[int]
         return [{"qp": qp, "error": f"prepare: {one_line(err)}"} for qp in qps]
     for qp in qps:
         cell: dict = {"qp": qp}
-        stage = "encode"
+        cells.append(cell)
         try:
             started = time.perf_counter()
             data, _ = api.compress_model(prepared.model, api.EncodeOptions(qp=qp, calibration_mode=mode),
                                          file_bytes(source), calibration, plan_cache=prepared.plan_cache,
                                          moments=prepared.moments)
-            cell["encode_s"] = time.perf_counter() - started + (prepare_s if not cells else 0.0)
+            cell["encode_s"] = time.perf_counter() - started + (prepare_s if len(cells) == 1 else 0.0)
             cell["bytes"] = len(data)
             bitstream = workdir / f"calib-{mode}-qp{qp}.nnc"
             bitstream.write_bytes(data)
-            rebuilt = workdir / f"calib-{mode}-qp{qp}" / source.name
-            rebuilt.parent.mkdir(parents=True, exist_ok=True)
-            stage = "decode"
-            api.decode(bitstream, rebuilt)
-            stage = "evaluate"
-            fidelity = model.evaluate(source, rebuilt, inputs)
-            cell.update(output_snr_db=float(fidelity.output_snr_db), agreement=float(fidelity.agreement))
         except Exception as err:
-            cell["error"] = f"{stage}: {one_line(err)}"
+            cell["error"] = f"encode: {one_line(err)}"
             cell["traceback"] = traceback.format_exc(limit=6)
-        cells.append(cell)
+            continue
+        decode_and_evaluate(model, source, inputs, bitstream, workdir / f"calib-{mode}-qp{qp}" / source.name, cell)
     return cells
 
 
@@ -195,11 +198,11 @@ def add_rest_bytes(theirs: list[dict], ours: list[dict]) -> None:
             cell["bytes"] = cell["weights_bytes"] + cell["rest_bytes"]
 
 
-def bd_rates(row: dict, variant: str = "nncodec") -> dict[str, float | None]:
-    """BD-rate of ours against NNCodec's `variant` cells (percent; negative: ours needs fewer
-    bytes) at equal output SNR and at equal task agreement, over the QPs where both were measured."""
-    ours = [c for c in row.get("results", []) if "output_snr_db" in c]
-    theirs = [c for c in row.get(variant, []) if "output_snr_db" in c]
+def bd_rates(ours: list[dict], theirs: list[dict]) -> dict[str, float | None]:
+    """BD-rate of the `ours` cells against `theirs` (percent; negative: ours needs fewer bytes) at
+    equal output SNR and at equal task agreement, over the cells where both were measured."""
+    ours = [c for c in ours if "output_snr_db" in c]
+    theirs = [c for c in theirs if "output_snr_db" in c]
     out: dict[str, float | None] = {}
     for key in ("output_snr_db", "agreement"):
         out[key] = bd_rate([c["bytes"] for c in ours], [c[key] for c in ours],
@@ -302,8 +305,8 @@ def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbos
             row["nncodec_nodq"] = nncodec_cells(model, source, inputs, qps, nncodec, Path(tmp), dq=False)
             add_rest_bytes(row["nncodec"], row["results"])
             add_rest_bytes(row["nncodec_nodq"], row["results"])
-            row["bd_rate_dq"] = bd_rates(row, "nncodec")
-            row["bd_rate_nodq"] = bd_rates(row, "nncodec_nodq")
+            row["bd_rate_dq"] = bd_rates(row["results"], row["nncodec"])
+            row["bd_rate_nodq"] = bd_rates(row["results"], row["nncodec_nodq"])
             row["bd_rate"] = against_stronger(row["bd_rate_dq"], row["bd_rate_nodq"])
         if calib_mode and source.suffix == ".onnx":
             calibration, on_evaluation = calibration_split(model, source, inputs, samples, calib_samples)
@@ -313,10 +316,10 @@ def run_model(module: str, model: ZooModel, qps: list[int], samples: int, verbos
             if verbose:
                 for cell in row["calibrated"]:
                     print(f"  {model.name} calibrated QP {cell['qp']}: {format_cell(cell)}", file=sys.stderr, flush=True)
-            row["bd_calibrated_vs_data_free"] = bd_rates({"results": row["calibrated"], "nncodec": row["results"]})["output_snr_db"]
+            row["bd_calibrated_vs_data_free"] = bd_rates(row["calibrated"], row["results"])["output_snr_db"]
             if nncodec:
-                calibrated = {"results": row["calibrated"], "nncodec": row["nncodec"], "nncodec_nodq": row["nncodec_nodq"]}
-                row["bd_rate_calibrated"] = against_stronger(bd_rates(calibrated, "nncodec"), bd_rates(calibrated, "nncodec_nodq"))
+                row["bd_rate_calibrated"] = against_stronger(bd_rates(row["calibrated"], row["nncodec"]),
+                                                             bd_rates(row["calibrated"], row["nncodec_nodq"]))
             if verbose:
                 for cell in row["nncodec"]:
                     print(f"  {model.name} NNCodec QP {cell['qp']}: {format_cell(cell)}", file=sys.stderr, flush=True)
