@@ -17,6 +17,7 @@ from ..model import Model, TensorRole
 from .rdo import EXACT_LEVELS, GptqFactor, block_layout, gptq_factor, gptq_gain, gptq_round
 from .sensitivity import calibration_threads
 
+# Calibration samples the layer Hessians are summed over.
 HESSIAN_SAMPLES = 256
 
 # Patch rows per Hessian column beyond which a convolution's output positions are subsampled.

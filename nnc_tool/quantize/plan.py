@@ -61,7 +61,6 @@ MEASURED_MOMENTS = "measured_moments"
 # Plan-cache keys of BatchNorm folding's per-channel weight scales and of the weights whose rows
 # they scale (quantize/fold.py FoldResult.scales / .row_scaled).
 FOLD_SCALES = "fold_scales"
-
 FOLD_ROWS = "fold_rows"
 
 # Plan-cache key of `fast_calibration`'s answers: it counts a run's multiply-accumulates (shape

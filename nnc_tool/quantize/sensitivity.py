@@ -26,7 +26,7 @@ RunModel = Callable[[Model, "np.ndarray | ModelInputs"], np.ndarray]
 # in the linear regime, large enough to dominate float32 round-off).
 PROBE_NOISE = 0.01
 
-# Calibration samples used for the sensitivity runs and for the layer Hessians.
+# Calibration samples used for the sensitivity runs (the layer Hessians use hessians.HESSIAN_SAMPLES).
 SENSITIVITY_SAMPLES = 32
 
 # One probe run per tensor costs about samples x parameters: past this many parameter-samples
@@ -34,7 +34,6 @@ SENSITIVITY_SAMPLES = 32
 # ResNet-18 (11.2 M parameters, 4 inputs instead of 32): BD-rate vs NNCodec -32.2 % instead of
 # -32.4 %, sensitivities in 1.5 s instead of 8.3 s; mobilenet with 4 inputs: -39.7 % vs -40.2 %.
 SENSITIVITY_BUDGET = 32 << 20
-
 MIN_SENSITIVITY_SAMPLES = 4
 
 # And by cost: past this many multiply-accumulates for all the runs together (graph/cost.py; a
